@@ -1,0 +1,265 @@
+// Dequant-fused attention, one split of the keys (flash-decoding). A workgroup
+// takes ROWS = QH x QB query rows of one sequence that share one kv head (QH q
+// heads of a GQA group at QB consecutive positions) and one range of keys, so each
+// K/V byte it reads serves every row. K and V are dequantized in registers; the
+// workgroup writes an unnormalised partial (max, sum, acc[HEAD_DIM]) per row that
+// attn_reduce.wgsl combines. Decode is QB = 1; prefill uses QB > 1 with causal masks.
+// CPU twin: src/cpu/attention.rs.
+
+struct AttnParams {
+    kv_heads: u32,
+    block_size: u32,
+    q_heads: u32,
+    ratio: u32,      // q heads per kv head
+    splits: u32,     // key splits per row block
+    split_len: u32,  // keys per split (multiple of TILE)
+    window: u32,     // 0: off
+    work_offset: u32, // where work items start in `work`
+    scale: f32,
+    softcap: f32,    // 0: off
+    _pad0: u32,
+    _pad1: u32,
+}
+
+struct SeqInfo {
+    kv_len: u32,
+    table_offset: u32,
+    q_offset: u32,
+    q_len: u32,
+}
+
+@group(0) @binding(0) var<uniform> P: AttnParams;
+@group(0) @binding(1) var<storage, read> q: array<f32>;        // [queries, q_heads, HEAD_DIM]
+@group(0) @binding(2) var<storage, read> work: array<u32>;     // SeqInfo per seq, then work items
+@group(0) @binding(3) var<storage, read> tables: array<u32>;
+@group(0) @binding(4) var<storage, read> k_data: array<u32>;
+@group(0) @binding(5) var<storage, read> k_side: array<u32>;
+@group(0) @binding(6) var<storage, read> v_data: array<u32>;
+@group(0) @binding(7) var<storage, read> v_side: array<u32>;
+@group(0) @binding(8) var<storage, read_write> partial: array<f32>; // [queries, q_heads, splits, HEAD_DIM + 2]
+
+override K_DTYPE: u32 = 1u; // 0 F16, 1 Int8, 2 Int4
+override V_DTYPE: u32 = 1u;
+override HEAD_DIM: u32 = 128u;
+override K_GROUP: u32 = 32u;
+override V_GROUP: u32 = 32u;
+override QH: u32 = 4u; // q heads per workgroup (power of two, divides ratio)
+override QB: u32 = 1u; // query positions per workgroup
+
+const WG: u32 = 64u;
+const TILE: u32 = 64u;       // keys per tile: one per invocation
+const MAX_ROWS: u32 = 8u;
+const MAX_D: u32 = 256u;
+const MAX_OWN: u32 = 32u;    // MAX_ROWS * MAX_D / WG
+
+var<workgroup> q_sh: array<f32, 2048>;          // MAX_ROWS * MAX_D, pre-scaled
+var<workgroup> qsum_sh: array<f32, 256>;        // per row and Int4 key group: sum of q
+var<workgroup> p_sh: array<f32, 512>;           // TILE * MAX_ROWS scores, then weights
+var<workgroup> m_sh: array<f32, 8>;             // running max per row
+var<workgroup> corr_sh: array<f32, 8>;          // rescale factor of this tile per row
+var<workgroup> pos_sh: array<u32, 8>;           // position of each row's query
+
+fn rows() -> u32 {
+    return QH * QB;
+}
+
+fn kv_addr(block_size: u32, table_offset: u32, kvh: u32, t: u32) -> u32 {
+    let b = tables[table_offset + t / block_size];
+    return (b * P.kv_heads + kvh) * block_size + t % block_size;
+}
+
+// Scaled q . k for every row, K dequantized in registers. `row` is the pool row.
+fn qk(row: u32, r: u32) -> f32 {
+    let qb = r * HEAD_DIM;
+    var acc = 0.0;
+    if (K_DTYPE == 0u) {
+        let base = row * (HEAD_DIM / 2u);
+        for (var w = 0u; w < HEAD_DIM / 2u; w++) {
+            let kv = unpack2x16float(k_data[base + w]);
+            acc += q_sh[qb + 2u * w] * kv.x + q_sh[qb + 2u * w + 1u] * kv.y;
+        }
+        return acc;
+    } else if (K_DTYPE == 1u) {
+        let base = row * (HEAD_DIM / 4u);
+        for (var w = 0u; w < HEAD_DIM / 4u; w++) {
+            let word = bitcast<i32>(k_data[base + w]);
+            let c = vec4<f32>(vec4<i32>(word << 24u, word << 16u, word << 8u, word) >> vec4<u32>(24u));
+            let e = qb + 4u * w;
+            acc += dot(vec4<f32>(q_sh[e], q_sh[e + 1u], q_sh[e + 2u], q_sh[e + 3u]), c);
+        }
+        return acc * bitcast<f32>(k_side[row]);
+    } else {
+        let groups = HEAD_DIM / K_GROUP;
+        let base = row * (HEAD_DIM / 8u);
+        for (var g = 0u; g < groups; g++) {
+            let s = unpack2x16float(k_side[row * groups + g]); // (scale, min)
+            var gacc = 0.0;
+            for (var w = 0u; w < K_GROUP / 8u; w++) {
+                let word = k_data[base + g * (K_GROUP / 8u) + w];
+                let lo = vec4<f32>((vec4<u32>(word) >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u));
+                let hi = vec4<f32>((vec4<u32>(word) >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u));
+                let e = qb + g * K_GROUP + 8u * w;
+                gacc += dot(vec4<f32>(q_sh[e], q_sh[e + 1u], q_sh[e + 2u], q_sh[e + 3u]), lo)
+                      + dot(vec4<f32>(q_sh[e + 4u], q_sh[e + 5u], q_sh[e + 6u], q_sh[e + 7u]), hi);
+            }
+            acc += s.x * gacc + s.y * qsum_sh[r * 32u + g];
+        }
+        return acc;
+    }
+}
+
+// Element d of the V vector in pool row `row`, and, for Int8/Int4, its factors:
+// value = code * f.x + f.y. Returned as (code, f.x, f.y).
+fn v_elem(row: u32, d: u32) -> vec3<f32> {
+    if (V_DTYPE == 0u) {
+        let pair = unpack2x16float(v_data[row * (HEAD_DIM / 2u) + d / 2u]);
+        return vec3<f32>(select(pair.x, pair.y, (d & 1u) == 1u), 1.0, 0.0);
+    } else if (V_DTYPE == 1u) {
+        let word = bitcast<i32>(v_data[row * (HEAD_DIM / 4u) + d / 4u]);
+        let c = (word << (24u - 8u * (d % 4u))) >> 24u;
+        return vec3<f32>(f32(c), bitcast<f32>(v_side[row]), 0.0);
+    } else {
+        let word = v_data[row * (HEAD_DIM / 8u) + d / 8u];
+        let c = (word >> (4u * (d % 8u))) & 15u;
+        let s = unpack2x16float(v_side[row * (HEAD_DIM / V_GROUP) + d / V_GROUP]);
+        return vec3<f32>(f32(c), s.x, s.y);
+    }
+}
+
+@compute @workgroup_size(64)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let split = wid.x;
+    let kvh = wid.y / (P.ratio / QH);
+    let h0 = wid.y * QH; // first q head of this workgroup
+    let item = P.work_offset + 2u * wid.z;
+    let seq = work[item];
+    let first_q = work[item + 1u]; // index of the first query within the sequence
+    let info = SeqInfo(work[4u * seq], work[4u * seq + 1u], work[4u * seq + 2u], work[4u * seq + 3u]);
+    let nq = min(QB, info.q_len - first_q);
+    let pos0 = info.kv_len - info.q_len + first_q;
+    let last_pos = pos0 + nq - 1u;
+
+    // Keys this workgroup may need: [lo, last_pos], cut into splits.
+    var lo = 0u;
+    if (P.window > 0u && pos0 + 1u > P.window) {
+        lo = pos0 + 1u - P.window;
+    }
+    let begin = lo + split * P.split_len;
+    let end = min(begin + P.split_len, last_pos + 1u);
+
+    // Stage pre-scaled q rows (row r = position b * QH + head j) and Int4 group sums.
+    let n_rows = rows();
+    for (var i = lid; i < n_rows * HEAD_DIM; i += WG) {
+        let r = i / HEAD_DIM;
+        let b = r / QH;
+        let qrow = info.q_offset + first_q + min(b, nq - 1u);
+        q_sh[i] = q[(qrow * P.q_heads + h0 + r % QH) * HEAD_DIM + i % HEAD_DIM] * P.scale;
+    }
+    if (lid < n_rows) {
+        m_sh[lid] = -3.0e38;
+        pos_sh[lid] = pos0 + min(lid / QH, nq - 1u);
+    }
+    workgroupBarrier();
+    if (K_DTYPE == 2u) {
+        let groups = HEAD_DIM / K_GROUP;
+        for (var i = lid; i < n_rows * groups; i += WG) {
+            let r = i / groups;
+            let g = i % groups;
+            var s = 0.0;
+            for (var e = 0u; e < K_GROUP; e++) {
+                s += q_sh[r * HEAD_DIM + g * K_GROUP + e];
+            }
+            qsum_sh[r * 32u + g] = s;
+        }
+        workgroupBarrier();
+    }
+
+    // Each invocation owns `own` consecutive output elements of one row.
+    let per_row = WG / n_rows;
+    let my_row = lid / per_row;
+    let own = (HEAD_DIM + per_row - 1u) / per_row;
+    let d0 = (lid % per_row) * own;
+    var acc: array<f32, MAX_OWN>;
+    var l = 0.0;
+    for (var e = 0u; e < MAX_OWN; e++) {
+        acc[e] = 0.0;
+    }
+
+    for (var t0 = begin; t0 < end; t0 += TILE) {
+        // Scores: one key per invocation, every row.
+        let t = t0 + lid;
+        if (t < end) {
+            let row = kv_addr(P.block_size, info.table_offset, kvh, t);
+            for (var r = 0u; r < n_rows; r++) {
+                var s = qk(row, r);
+                if (P.softcap > 0.0) {
+                    s = P.softcap * tanh(s / P.softcap);
+                }
+                let pos = pos_sh[r];
+                let visible = t <= pos && (P.window == 0u || t + P.window > pos);
+                p_sh[lid * MAX_ROWS + r] = select(-3.0e38, s, visible);
+            }
+        } else {
+            for (var r = 0u; r < n_rows; r++) {
+                p_sh[lid * MAX_ROWS + r] = -3.0e38;
+            }
+        }
+        workgroupBarrier();
+        if (lid < n_rows) {
+            var m = m_sh[lid];
+            for (var i = 0u; i < TILE; i++) {
+                m = max(m, p_sh[i * MAX_ROWS + lid]);
+            }
+            corr_sh[lid] = exp(m_sh[lid] - m);
+            m_sh[lid] = m;
+        }
+        workgroupBarrier();
+        for (var r = 0u; r < n_rows; r++) {
+            let s = p_sh[lid * MAX_ROWS + r];
+            p_sh[lid * MAX_ROWS + r] = select(0.0, exp(s - m_sh[r]), s > -1.0e38);
+        }
+        workgroupBarrier();
+
+        // Weighted V sum for the owned elements.
+        let corr = corr_sh[my_row];
+        l *= corr;
+        for (var e = 0u; e < own; e++) {
+            acc[e] *= corr;
+        }
+        let n_t = min(TILE, end - t0);
+        for (var i = 0u; i < n_t; i++) {
+            let p = p_sh[i * MAX_ROWS + my_row];
+            l += p;
+            let row = kv_addr(P.block_size, info.table_offset, kvh, t0 + i);
+            for (var e = 0u; e < own; e++) {
+                let d = d0 + e;
+                if (d < HEAD_DIM) {
+                    let f = v_elem(row, d);
+                    acc[e] += p * (f.x * f.y + f.z);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+
+    // Partial for this row and split: (max, sum, acc).
+    let b = my_row / QH;
+    if (b < nq && d0 < HEAD_DIM) {
+        let qrow = info.q_offset + first_q + b;
+        let head = h0 + my_row % QH;
+        let base = ((qrow * P.q_heads + head) * P.splits + split) * (HEAD_DIM + 2u);
+        for (var e = 0u; e < own; e++) {
+            let d = d0 + e;
+            if (d < HEAD_DIM) {
+                partial[base + 2u + d] = acc[e];
+            }
+        }
+        if (d0 == 0u) {
+            partial[base] = m_sh[my_row];
+            partial[base + 1u] = l;
+        }
+    }
+}

@@ -1,0 +1,46 @@
+// Combines the per-split partials of attn_decode.wgsl: one workgroup per
+// (query, q head) rescales each split's sum and accumulator to the global max.
+
+struct ReduceParams {
+    rows: u32,   // queries * q_heads
+    splits: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> P: ReduceParams;
+@group(0) @binding(1) var<storage, read> partial: array<f32>; // [rows, splits, HEAD_DIM + 2]
+@group(0) @binding(2) var<storage, read_write> out: array<f32>; // [rows, HEAD_DIM]
+
+override HEAD_DIM: u32 = 128u;
+
+const WG: u32 = 64u;
+
+@compute @workgroup_size(64)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = wid.y * nwg.x + wid.x;
+    if (row >= P.rows) {
+        return;
+    }
+    let stride = HEAD_DIM + 2u;
+    let base = row * P.splits * stride;
+    var m = -3.0e38;
+    for (var s = 0u; s < P.splits; s++) {
+        m = max(m, partial[base + s * stride]);
+    }
+    var l = 0.0;
+    for (var s = 0u; s < P.splits; s++) {
+        l += partial[base + s * stride + 1u] * exp(partial[base + s * stride] - m);
+    }
+    for (var d = lid; d < HEAD_DIM; d += WG) {
+        var acc = 0.0;
+        for (var s = 0u; s < P.splits; s++) {
+            acc += partial[base + s * stride + 2u + d] * exp(partial[base + s * stride] - m);
+        }
+        out[row * HEAD_DIM + d] = acc / l;
+    }
+}

@@ -1,0 +1,49 @@
+// Dequantize: one invocation per (token, kv head) writes the f32 vector that
+// attention sees for that pool slot. For tests and debugging; attention kernels
+// never write dequantized values. CPU twin: src/cpu/dequantize.rs.
+
+struct DequantParams {
+    tokens: u32,
+    kv_heads: u32,
+    block_size: u32,
+    capacity: u32,
+}
+
+@group(0) @binding(0) var<uniform> P: DequantParams;
+@group(0) @binding(1) var<storage, read> slots: array<u32>;
+@group(0) @binding(2) var<storage, read> data: array<u32>;
+@group(0) @binding(3) var<storage, read> side: array<u32>;
+@group(0) @binding(4) var<storage, read_write> dst: array<f32>; // [tokens, kv_heads, HEAD_DIM]
+
+override DTYPE: u32 = 1u;
+override HEAD_DIM: u32 = 128u;
+override GROUP: u32 = 32u;
+
+const WG: u32 = 64u;
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = flat_index(gid, nwg, WG);
+    if (r >= P.tokens * P.kv_heads) {
+        return;
+    }
+    let slot = slots[r / P.kv_heads];
+    if (slot >= P.capacity) {
+        return;
+    }
+    let row = pool_row(slot, r % P.kv_heads, P.kv_heads, P.block_size);
+    for (var i = 0u; i < HEAD_DIM; i++) {
+        var x: f32;
+        if (DTYPE == 0u) {
+            x = f16_value(data[row * (HEAD_DIM / 2u) + i / 2u] >> (16u * (i % 2u)));
+        } else if (DTYPE == 1u) {
+            let byte = (data[row * (HEAD_DIM / 4u) + i / 4u] >> (8u * (i % 4u))) & 0xffu;
+            x = f32((i32(byte) << 24u) >> 24u) * bitcast<f32>(side[row]);
+        } else {
+            let s = side[row * (HEAD_DIM / GROUP) + i / GROUP];
+            let q = (data[row * (HEAD_DIM / 8u) + i / 8u] >> (4u * (i % 8u))) & 0xfu;
+            x = f16_value(s >> 16u) + f32(q) * f16_value(s & 0xffffu);
+        }
+        dst[r * HEAD_DIM + i] = x;
+    }
+}

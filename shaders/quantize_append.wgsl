@@ -1,0 +1,99 @@
+// Quantize-and-append: one invocation per (new token, kv head) quantizes that
+// head vector (DESIGN §1) and writes codes and side data into its pool slot
+// (DESIGN §2). CPU twin: src/cpu/append.rs.
+
+struct AppendParams {
+    tokens: u32,
+    kv_heads: u32,
+    block_size: u32,
+    capacity: u32, // num_blocks * block_size: slots at or past it are skipped
+}
+
+@group(0) @binding(0) var<uniform> P: AppendParams;
+@group(0) @binding(1) var<storage, read> src: array<f32>;    // [tokens, kv_heads, HEAD_DIM]
+@group(0) @binding(2) var<storage, read> slots: array<u32>;  // [tokens]
+@group(0) @binding(3) var<storage, read_write> data: array<u32>;
+@group(0) @binding(4) var<storage, read_write> side: array<u32>;
+
+override DTYPE: u32 = 1u; // 0 F16, 1 Int8, 2 Int4
+override HEAD_DIM: u32 = 128u;
+override GROUP: u32 = 32u; // Int4 only
+
+const WG: u32 = 64u;
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let r = flat_index(gid, nwg, WG);
+    if (r >= P.tokens * P.kv_heads) {
+        return;
+    }
+    let slot = slots[r / P.kv_heads];
+    if (slot >= P.capacity) {
+        return;
+    }
+    let row = pool_row(slot, r % P.kv_heads, P.kv_heads, P.block_size);
+    let x0 = r * HEAD_DIM;
+    if (DTYPE == 0u) {
+        append_f16(row, x0);
+    } else if (DTYPE == 1u) {
+        append_int8(row, x0);
+    } else {
+        append_int4(row, x0);
+    }
+}
+
+fn append_f16(row: u32, x0: u32) {
+    let words = HEAD_DIM / 2u;
+    for (var w = 0u; w < words; w++) {
+        data[row * words + w] = f16_bits(src[x0 + 2u * w]) | (f16_bits(src[x0 + 2u * w + 1u]) << 16u);
+    }
+}
+
+fn append_int8(row: u32, x0: u32) {
+    var absmax = 0.0;
+    for (var i = 0u; i < HEAD_DIM; i++) {
+        absmax = max(absmax, abs(src[x0 + i]));
+    }
+    let scale = absmax / 127.0;
+    side[row] = bitcast<u32>(scale);
+    let words = HEAD_DIM / 4u;
+    for (var w = 0u; w < words; w++) {
+        var word = 0u;
+        if (scale != 0.0) {
+            for (var j = 0u; j < 4u; j++) {
+                let q = clamp(round(src[x0 + 4u * w + j] / scale), -127.0, 127.0);
+                word |= (u32(i32(q)) & 0xffu) << (8u * j);
+            }
+        }
+        data[row * words + w] = word;
+    }
+}
+
+fn append_int4(row: u32, x0: u32) {
+    let groups = HEAD_DIM / GROUP;
+    let words = HEAD_DIM / 8u;
+    for (var g = 0u; g < groups; g++) {
+        let base = x0 + g * GROUP;
+        var lo = src[base];
+        var hi = lo;
+        for (var i = 1u; i < GROUP; i++) {
+            lo = min(lo, src[base + i]);
+            hi = max(hi, src[base + i]);
+        }
+        let s16 = f16_bits((hi - lo) / 15.0);
+        let l16 = f16_bits(lo);
+        side[row * groups + g] = s16 | (l16 << 16u);
+        let scale = f16_value(s16);
+        let lo_r = f16_value(l16);
+        for (var w = 0u; w < GROUP / 8u; w++) {
+            var word = 0u;
+            if (scale != 0.0) {
+                for (var j = 0u; j < 8u; j++) {
+                    let q = clamp(round((src[base + 8u * w + j] - lo_r) / scale), 0.0, 15.0);
+                    word |= u32(q) << (4u * j);
+                }
+            }
+            data[row * words + g * (GROUP / 8u) + w] = word;
+        }
+    }
+}

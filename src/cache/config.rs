@@ -1,0 +1,148 @@
+//! `CacheConfig` and the pool layout of DESIGN §2.
+
+use crate::{Error, KvDtype, Result};
+
+/// Shape and formats of a paged KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// Transformer layers; each has its own K and V pools.
+    pub layers: usize,
+    /// KV heads per layer.
+    pub kv_heads: usize,
+    /// Elements per head vector (multiple of 8).
+    pub head_dim: usize,
+    /// Tokens per block (default 16).
+    pub block_size: usize,
+    /// Blocks per pool; capacity is `num_blocks * block_size` tokens over all sequences.
+    pub num_blocks: usize,
+    /// Key storage format.
+    pub k_dtype: KvDtype,
+    /// Value storage format.
+    pub v_dtype: KvDtype,
+}
+
+impl CacheConfig {
+    /// A cache with Int8 keys and values, block size 16, room for `capacity_tokens`.
+    pub fn new(layers: usize, kv_heads: usize, head_dim: usize, capacity_tokens: usize) -> Self {
+        CacheConfig {
+            layers,
+            kv_heads,
+            head_dim,
+            block_size: 16,
+            num_blocks: capacity_tokens.div_ceil(16),
+            k_dtype: KvDtype::Int8,
+            v_dtype: KvDtype::Int8,
+        }
+    }
+
+    /// Sets the key and value formats.
+    pub fn with_dtypes(mut self, k: KvDtype, v: KvDtype) -> Self {
+        self.k_dtype = k;
+        self.v_dtype = v;
+        self
+    }
+
+    /// Sets the block size, keeping at least the same token capacity.
+    pub fn with_block_size(mut self, block_size: usize) -> Self {
+        let tokens = self.num_blocks * self.block_size;
+        self.block_size = block_size;
+        self.num_blocks = tokens.div_ceil(block_size.max(1));
+        self
+    }
+
+    /// Checks every field.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("layers", self.layers),
+            ("kv_heads", self.kv_heads),
+            ("head_dim", self.head_dim),
+            ("block_size", self.block_size),
+            ("num_blocks", self.num_blocks),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(Error::InvalidConfig(format!("{name} is 0")));
+            }
+        }
+        self.k_dtype.check(self.head_dim)?;
+        self.v_dtype.check(self.head_dim)?;
+        // Word indices must fit u32 on every device.
+        for l in [self.layout(self.k_dtype), self.layout(self.v_dtype)] {
+            let words = l.data_words().max(l.side_words()) as u64;
+            if words > u32::MAX as u64 {
+                return Err(Error::InvalidConfig(format!(
+                    "a pool of {words} words does not fit 32-bit indexing"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Layout of one pool stored as `dtype`.
+    pub fn layout(&self, dtype: KvDtype) -> PoolLayout {
+        PoolLayout {
+            dtype,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            block_size: self.block_size,
+            num_blocks: self.num_blocks,
+        }
+    }
+
+    /// Token capacity over all sequences.
+    pub fn capacity_tokens(&self) -> usize {
+        self.num_blocks * self.block_size
+    }
+
+    /// Bytes one token occupies over all layers, K and V.
+    pub fn bytes_per_token(&self) -> usize {
+        self.layers
+            * self.kv_heads
+            * (self.k_dtype.bytes_per_token_head(self.head_dim)
+                + self.v_dtype.bytes_per_token_head(self.head_dim))
+    }
+}
+
+/// Where each (block, head, slot) lives inside a pool's data and side arrays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolLayout {
+    /// Storage format.
+    pub dtype: KvDtype,
+    /// KV heads.
+    pub kv_heads: usize,
+    /// Elements per head vector.
+    pub head_dim: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Blocks in the pool.
+    pub num_blocks: usize,
+}
+
+impl PoolLayout {
+    /// Code words per (token, head).
+    pub fn words_per_head(&self) -> usize {
+        self.dtype.words_per_head(self.head_dim)
+    }
+
+    /// Side words per (token, head).
+    pub fn side_per_head(&self) -> usize {
+        self.dtype.side_words_per_head(self.head_dim)
+    }
+
+    /// Total code words.
+    pub fn data_words(&self) -> usize {
+        self.num_blocks * self.kv_heads * self.block_size * self.words_per_head()
+    }
+
+    /// Total side words.
+    pub fn side_words(&self) -> usize {
+        self.num_blocks * self.kv_heads * self.block_size * self.side_per_head()
+    }
+
+    /// Index of the (token slot, head) row: `(b * kv_heads + h) * block_size + s`,
+    /// for a pool slot `slot = b * block_size + s`.
+    pub fn row(&self, slot: usize, head: usize) -> usize {
+        let (b, s) = (slot / self.block_size, slot % self.block_size);
+        (b * self.kv_heads + head) * self.block_size + s
+    }
+}

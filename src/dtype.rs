@@ -1,0 +1,138 @@
+//! `KvDtype`: the storage formats of DESIGN §1 and their sizes.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::{Error, Result};
+
+/// How one (token, kv head) vector of `head_dim` values is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KvDtype {
+    /// IEEE binary16, two per u32 (element 2i in the low half).
+    F16,
+    /// Symmetric signed 8-bit codes, four per u32, plus one f32 scale.
+    Int8,
+    /// Asymmetric unsigned 4-bit codes, eight per u32, plus one (f16 scale, f16 min)
+    /// u32 per `group` elements.
+    Int4 {
+        /// Elements per scale/min pair; divides head_dim, multiple of 8.
+        group: u32,
+    },
+}
+
+impl KvDtype {
+    /// Int4 with the default group for `head_dim`: the largest of 32, 16, 8 dividing it.
+    pub fn int4_default(head_dim: usize) -> Self {
+        let group = [32u32, 16, 8]
+            .into_iter()
+            .find(|&g| head_dim % g as usize == 0)
+            .unwrap_or(32);
+        KvDtype::Int4 { group }
+    }
+
+    /// Checks that this dtype can store vectors of `head_dim` values.
+    pub fn check(&self, head_dim: usize) -> Result<()> {
+        if head_dim == 0 || head_dim % 8 != 0 {
+            return Err(Error::Unsupported(format!(
+                "head_dim {head_dim}: must be a positive multiple of 8"
+            )));
+        }
+        if let KvDtype::Int4 { group } = *self {
+            let g = group as usize;
+            if g == 0 || g % 8 != 0 || head_dim % g != 0 {
+                return Err(Error::Unsupported(format!(
+                    "int4 group {group} for head_dim {head_dim}: the group must be a multiple of 8 dividing head_dim"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// u32 words of codes per (token, head).
+    pub fn words_per_head(&self, head_dim: usize) -> usize {
+        match self {
+            KvDtype::F16 => head_dim / 2,
+            KvDtype::Int8 => head_dim / 4,
+            KvDtype::Int4 { .. } => head_dim / 8,
+        }
+    }
+
+    /// u32 words of side data (scales, mins) per (token, head).
+    pub fn side_words_per_head(&self, head_dim: usize) -> usize {
+        match *self {
+            KvDtype::F16 => 0,
+            KvDtype::Int8 => 1,
+            KvDtype::Int4 { group } => head_dim / group.max(1) as usize,
+        }
+    }
+
+    /// Bytes of one (token, head) vector, codes and side data.
+    pub fn bytes_per_token_head(&self, head_dim: usize) -> usize {
+        4 * (self.words_per_head(head_dim) + self.side_words_per_head(head_dim))
+    }
+
+    /// Bits per element, side data included.
+    pub fn bits_per_element(&self, head_dim: usize) -> f64 {
+        8.0 * self.bytes_per_token_head(head_dim) as f64 / head_dim as f64
+    }
+
+    /// Size relative to F16 (e.g. 0.516 for Int8 at head_dim 128).
+    pub fn factor_vs_f16(&self, head_dim: usize) -> f64 {
+        self.bits_per_element(head_dim) / 16.0
+    }
+
+    /// Size relative to F32.
+    pub fn factor_vs_f32(&self, head_dim: usize) -> f64 {
+        self.bits_per_element(head_dim) / 32.0
+    }
+
+    /// Small integer tag used by kernels and pipeline keys.
+    pub(crate) fn tag(&self) -> u32 {
+        match self {
+            KvDtype::F16 => 0,
+            KvDtype::Int8 => 1,
+            KvDtype::Int4 { .. } => 2,
+        }
+    }
+
+    /// Int4 group size; 0 for other dtypes.
+    pub(crate) fn group(&self) -> u32 {
+        match self {
+            KvDtype::Int4 { group } => *group,
+            _ => 0,
+        }
+    }
+}
+
+impl fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KvDtype::F16 => f.write_str("f16"),
+            KvDtype::Int8 => f.write_str("int8"),
+            KvDtype::Int4 { group: 32 } => f.write_str("int4"),
+            KvDtype::Int4 { group } => write!(f, "int4:g{group}"),
+        }
+    }
+}
+
+impl FromStr for KvDtype {
+    type Err = Error;
+
+    /// Parses `f16`, `int8`, `int4` (group 32) or `int4:gN` (N a positive multiple of 8).
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::UnknownDtype(s.to_string());
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f16" => Ok(KvDtype::F16),
+            "int8" => Ok(KvDtype::Int8),
+            "int4" => Ok(KvDtype::Int4 { group: 32 }),
+            other => {
+                let n = other.strip_prefix("int4:g").ok_or_else(bad)?;
+                let group: u32 = n.parse().map_err(|_| bad())?;
+                if group == 0 || group % 8 != 0 {
+                    return Err(bad());
+                }
+                Ok(KvDtype::Int4 { group })
+            }
+        }
+    }
+}

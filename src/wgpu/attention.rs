@@ -1,0 +1,160 @@
+//! Attention dispatches: split-K partials (`shaders/attention.wgsl`) then the
+//! combine pass (`shaders/attn_reduce.wgsl`). Decode and prefill differ only in
+//! how many query positions a workgroup takes and how the keys are split.
+
+use super::WgpuBackend;
+use super::pipelines::PipelineKey;
+use super::shaders::Kernel;
+use crate::backend::{AttnArgs, Backend, DeviceType};
+use crate::{Error, Result};
+
+/// Keys per tile in the kernel (one per invocation).
+const TILE: usize = 64;
+/// Query rows (q heads x positions) one workgroup takes.
+const MAX_ROWS: u32 = 8;
+
+/// One query per sequence; keys split so that the device stays busy.
+pub fn decode(b: &WgpuBackend, args: &AttnArgs<'_>) -> Result<()> {
+    if args.seqs.iter().any(|s| s.q_len != 1) {
+        return Err(Error::InvalidConfig(
+            "decode takes one query per sequence".into(),
+        ));
+    }
+    run(b, args, 1)
+}
+
+/// Causal prefill: several query positions per workgroup, keys not split.
+pub fn prefill(b: &WgpuBackend, args: &AttnArgs<'_>) -> Result<()> {
+    let qh = heads_per_group(args.params.group_ratio);
+    run(b, args, MAX_ROWS / qh)
+}
+
+/// q heads one workgroup takes: the largest power of two dividing the GQA ratio, at most 8.
+fn heads_per_group(ratio: u32) -> u32 {
+    let mut qh = 1;
+    while qh < MAX_ROWS && ratio % (qh * 2) == 0 {
+        qh *= 2;
+    }
+    qh
+}
+
+fn run(b: &WgpuBackend, args: &AttnArgs<'_>, qb: u32) -> Result<()> {
+    args.check()?;
+    let kl = &args.k.layout;
+    let d = kl.head_dim;
+    if d > 256 {
+        return Err(Error::Unsupported(format!(
+            "head_dim {d} on wgpu: at most 256"
+        )));
+    }
+    let p = args.params;
+    let qh = heads_per_group(p.group_ratio);
+    // Work items: (sequence, first query) blocks of `qb` positions.
+    let mut meta: Vec<u32> = args
+        .seqs
+        .iter()
+        .flat_map(|s| bytemuck::cast::<_, [u32; 4]>(*s))
+        .collect();
+    let work_offset = meta.len() as u32;
+    for (i, s) in args.seqs.iter().enumerate() {
+        for first in (0..s.q_len).step_by(qb as usize) {
+            meta.extend([i as u32, first]);
+        }
+    }
+    let items = (meta.len() as u32 - work_offset) / 2;
+    let (splits, split_len) = if qb == 1 {
+        split_keys(
+            b,
+            args.max_kv_len(),
+            items as usize * (p.q_heads / qh) as usize,
+        )
+    } else {
+        (1, args.max_kv_len().div_ceil(TILE) * TILE)
+    };
+    let rows = args.queries() * p.q_heads as usize;
+    let partial = b.alloc(rows * splits * (d + 2))?;
+    let meta_buf = b.alloc(meta.len())?;
+    b.upload(&meta_buf, 0, &meta)?;
+    let attn_key = PipelineKey {
+        kernel: Kernel::Attention,
+        constants: vec![
+            ("K_DTYPE", kl.dtype.tag()),
+            ("V_DTYPE", args.v.layout.dtype.tag()),
+            ("HEAD_DIM", d as u32),
+            ("K_GROUP", kl.dtype.group().max(8)),
+            ("V_GROUP", args.v.layout.dtype.group().max(8)),
+            ("QH", qh),
+            ("QB", qb),
+        ],
+    };
+    let uniform = [
+        kl.kv_heads as u32,
+        kl.block_size as u32,
+        p.q_heads,
+        p.group_ratio,
+        splits as u32,
+        split_len as u32,
+        p.window,
+        work_offset,
+        p.scale.to_bits(),
+        p.softcap.to_bits(),
+        0,
+        0,
+    ];
+    let grid = [splits as u32, p.q_heads / qh, items];
+    let max = b.info().limits.max_workgroups_per_dimension;
+    if grid.iter().any(|&g| g > max) {
+        return Err(Error::DeviceLimit {
+            limit: "max_compute_workgroups_per_dimension",
+            requested: *grid.iter().max().unwrap_or(&0) as u64,
+            max: max as u64,
+        });
+    }
+    let reduce_key = PipelineKey {
+        kernel: Kernel::AttnReduce,
+        constants: vec![("HEAD_DIM", d as u32)],
+    };
+    b.submit(|enc| {
+        b.dispatch(
+            enc,
+            &attn_key,
+            &uniform,
+            &[
+                args.q,
+                &meta_buf,
+                args.block_tables,
+                &args.k.data,
+                &args.k.side,
+                &args.v.data,
+                &args.v.side,
+                &partial,
+            ],
+            grid,
+        )?;
+        let x = (rows as u32).min(max);
+        b.dispatch(
+            enc,
+            &reduce_key,
+            &[rows as u32, splits as u32, 0, 0],
+            &[&partial, args.out],
+            [x, (rows as u32).div_ceil(x), 1],
+        )
+    })?;
+    Ok(())
+}
+
+/// Splits of the longest sequence's keys: enough workgroups to fill the device,
+/// each split a whole number of tiles and not too short to amortise its setup.
+fn split_keys(b: &WgpuBackend, max_kv_len: usize, groups: usize) -> (usize, usize) {
+    let target: usize = match b.info().device_type {
+        DeviceType::Cpu => 16,
+        _ => 512,
+    };
+    let tiles = max_kv_len.div_ceil(TILE).max(1);
+    let min_tiles = 4;
+    let splits = target
+        .div_ceil(groups.max(1))
+        .clamp(1, tiles.div_ceil(min_tiles).max(1));
+    let split_tiles = tiles.div_ceil(splits);
+    (tiles.div_ceil(split_tiles), split_tiles * TILE)
+}

@@ -1,0 +1,314 @@
+//! The wgpu backend: WGSL compute kernels on Vulkan, Metal, DX12 or GL.
+//!
+//! Built by [`select`](crate::select) from a probed adapter, or from an application's
+//! own device and queue ([`WgpuBackend::from_device`]). Pipelines are built once per
+//! specialisation; pools are plain storage buffers of u32 in DESIGN §2's layout.
+
+mod append;
+mod attention;
+mod pipelines;
+mod probe;
+pub mod shaders;
+
+pub(crate) use probe::probe;
+pub use probe::{check_limits, describe, instance};
+
+use wgpu::util::DeviceExt;
+
+use self::pipelines::{PipelineKey, Pipelines};
+use crate::backend::{AppendArgs, AttnArgs, Backend, BackendInfo, DeviceBuffer, Pool};
+use crate::{Error, Result};
+
+const NAME: &str = "wgpu";
+/// Invocations per workgroup of the per-row kernels (append, dequantize).
+const ROW_WG: u32 = 64;
+
+/// kvq on one wgpu device.
+#[derive(Debug)]
+pub struct WgpuBackend {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: BackendInfo,
+    pipelines: Pipelines,
+}
+
+impl WgpuBackend {
+    /// Opens `adapter` with its own limits and the optional features kvq can use.
+    pub fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
+        probe::check(adapter).map_err(Error::Unsupported)?;
+        let features = adapter.features() & wgpu::Features::TIMESTAMP_QUERY;
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("kvq"),
+            required_features: features,
+            required_limits: adapter.limits(),
+            ..Default::default()
+        }))
+        .map_err(|e| Error::Device(format!("request_device: {e}")))?;
+        let info = describe(&adapter.get_info(), &device.limits(), device.features());
+        Ok(Self::new(device, queue, info))
+    }
+
+    /// Wraps an application's own device and queue (interop); `adapter_info` names it.
+    pub fn from_device(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        adapter_info: &wgpu::AdapterInfo,
+    ) -> Result<Self> {
+        check_limits(&device.limits()).map_err(Error::Unsupported)?;
+        let info = describe(adapter_info, &device.limits(), device.features());
+        Ok(Self::new(device, queue, info))
+    }
+
+    /// Opens the first adapter whose name contains `name` (e.g. "llvmpipe").
+    pub fn open_named(name: &str) -> Result<Self> {
+        let adapters = pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()));
+        let lower = name.to_lowercase();
+        let adapter = adapters
+            .iter()
+            .find(|a| a.get_info().name.to_lowercase().contains(&lower))
+            .ok_or_else(|| Error::NoBackend(format!("no wgpu adapter named like {name:?}")))?;
+        Self::from_adapter(adapter)
+    }
+
+    fn new(device: wgpu::Device, queue: wgpu::Queue, info: BackendInfo) -> Self {
+        WgpuBackend {
+            device,
+            queue,
+            info,
+            pipelines: Pipelines::default(),
+        }
+    }
+
+    /// The device.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    /// The queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    /// The wgpu buffer behind a [`DeviceBuffer`] made by this backend.
+    pub fn raw(buf: &DeviceBuffer) -> Result<&wgpu::Buffer> {
+        buf.downcast::<wgpu::Buffer>(NAME)
+    }
+
+    /// Runs `encode` on a fresh encoder, submits it, and turns validation and
+    /// out-of-memory errors raised meanwhile into `kvq::Error`.
+    pub(crate) fn submit(
+        &self,
+        encode: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
+    ) -> Result<wgpu::SubmissionIndex> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let valid = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("kvq") });
+        let encoded = encode(&mut encoder);
+        let index = self.queue.submit([encoder.finish()]);
+        let valid = pollster::block_on(valid.pop());
+        let oom = pollster::block_on(oom.pop());
+        encoded?;
+        if let Some(e) = valid {
+            return Err(Error::Device(e.to_string()));
+        }
+        if let Some(e) = oom {
+            return Err(Error::OutOfMemory(e.to_string()));
+        }
+        Ok(index)
+    }
+
+    /// Records one dispatch of `key` over `invocations` threads (folded into a 2-D grid
+    /// past the per-dimension limit), with `uniform` at binding 0 and `buffers` after it.
+    pub(crate) fn dispatch_rows(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        key: &PipelineKey,
+        uniform: &[u32],
+        buffers: &[&DeviceBuffer],
+        invocations: u32,
+        wg_size: u32,
+    ) -> Result<()> {
+        let groups = invocations.div_ceil(wg_size).max(1);
+        let max = self.info.limits.max_workgroups_per_dimension.max(1);
+        let x = groups.min(max);
+        let y = groups.div_ceil(x);
+        if y > max {
+            return Err(Error::DeviceLimit {
+                limit: "max_compute_workgroups_per_dimension",
+                requested: groups as u64,
+                max: max as u64 * max as u64,
+            });
+        }
+        self.dispatch(encoder, key, uniform, buffers, [x, y, 1])
+    }
+
+    /// Records one dispatch of `key` with an explicit grid.
+    pub(crate) fn dispatch(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        key: &PipelineKey,
+        uniform: &[u32],
+        buffers: &[&DeviceBuffer],
+        grid: [u32; 3],
+    ) -> Result<()> {
+        let pipeline = self.pipelines.get(&self.device, key);
+        let params = self
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("kvq params"),
+                contents: bytemuck::cast_slice(uniform),
+                usage: wgpu::BufferUsages::UNIFORM,
+            });
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: params.as_entire_binding(),
+        }];
+        for (i, b) in buffers.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: Self::raw(b)?.as_entire_binding(),
+            });
+        }
+        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(key.kernel.file()),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(key.kernel.file()),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind_group, &[]);
+        pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
+        Ok(())
+    }
+
+    fn wait(&self, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: index,
+                timeout: None,
+            })
+            .map(|_| ())
+            .map_err(|e| Error::Device(format!("poll: {e}")))
+    }
+}
+
+impl Backend for WgpuBackend {
+    fn info(&self) -> &BackendInfo {
+        &self.info
+    }
+
+    fn alloc(&self, words: usize) -> Result<DeviceBuffer> {
+        let bytes = (words.max(1) as u64).saturating_mul(4);
+        let max = self.info.limits.max_buffer_bytes;
+        if bytes > max {
+            return Err(Error::DeviceLimit {
+                limit: "max_storage_buffer_binding_size",
+                requested: bytes,
+                max,
+            });
+        }
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("kvq"),
+            size: bytes,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        if let Some(e) = pollster::block_on(oom.pop()) {
+            return Err(Error::OutOfMemory(format!("{bytes} bytes: {e}")));
+        }
+        Ok(DeviceBuffer::new(words, buffer))
+    }
+
+    fn upload(&self, buf: &DeviceBuffer, offset: usize, data: &[u32]) -> Result<()> {
+        buf.check_range("upload end", offset, data.len())?;
+        if !data.is_empty() {
+            self.queue.write_buffer(
+                Self::raw(buf)?,
+                offset as u64 * 4,
+                bytemuck::cast_slice(data),
+            );
+        }
+        Ok(())
+    }
+
+    fn download(&self, buf: &DeviceBuffer, offset: usize, len: usize) -> Result<Vec<u32>> {
+        buf.check_range("download end", offset, len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let src = Self::raw(buf)?;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("kvq readback"),
+            size: len as u64 * 4,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let index = self.submit(|enc| {
+            enc.copy_buffer_to_buffer(src, offset as u64 * 4, &staging, 0, len as u64 * 4);
+            Ok(())
+        })?;
+        let (tx, rx) = futures::channel::oneshot::channel();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait(Some(index))?;
+        pollster::block_on(rx)
+            .map_err(|_| Error::Device("readback cancelled".into()))?
+            .map_err(|e| Error::Device(format!("map_async: {e}")))?;
+        let view = staging
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| Error::Device(format!("get_mapped_range: {e}")))?;
+        let words = bytemuck::cast_slice(&view).to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(words)
+    }
+
+    fn quantize_append(&self, args: &AppendArgs<'_>) -> Result<()> {
+        append::quantize_append(self, args)
+    }
+
+    fn dequantize(
+        &self,
+        pool: &Pool,
+        slots: &DeviceBuffer,
+        tokens: usize,
+        out: &DeviceBuffer,
+    ) -> Result<()> {
+        append::dequantize(self, pool, slots, tokens, out)
+    }
+
+    fn decode(&self, args: &AttnArgs<'_>) -> Result<()> {
+        attention::decode(self, args)
+    }
+
+    fn prefill(&self, args: &AttnArgs<'_>) -> Result<()> {
+        attention::prefill(self, args)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.wait(None)
+    }
+}
+
+/// Kernels of this backend, shared by the op modules.
+pub(crate) fn row_key(kernel: shaders::Kernel, pool: &Pool) -> PipelineKey {
+    let l = &pool.layout;
+    PipelineKey {
+        kernel,
+        constants: vec![
+            ("DTYPE", l.dtype.tag()),
+            ("HEAD_DIM", l.head_dim as u32),
+            ("GROUP", l.dtype.group().max(8)),
+        ],
+    }
+}

@@ -1,0 +1,73 @@
+//! WGSL sources: each kernel in `shaders/` is loaded with `shaders/common.wgsl`
+//! prepended. Every kernel, with every specialisation kvq dispatches, goes
+//! through naga in the tests.
+
+use crate::{Error, Result};
+
+/// Shared helpers prepended to every kernel.
+const COMMON: &str = include_str!("../../shaders/common.wgsl");
+
+/// A compute kernel: one WGSL file with one `main` entry point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// `shaders/quantize_append.wgsl`.
+    QuantizeAppend,
+    /// `shaders/dequantize.wgsl`.
+    Dequantize,
+    /// `shaders/attention.wgsl`: split-K attention partials (decode and prefill).
+    Attention,
+    /// `shaders/attn_reduce.wgsl`: combines the partials.
+    AttnReduce,
+    /// `shaders/stream.wgsl`: streaming-read roofline.
+    Stream,
+}
+
+impl Kernel {
+    /// Every kernel.
+    pub const ALL: [Kernel; 5] = [
+        Kernel::QuantizeAppend,
+        Kernel::Dequantize,
+        Kernel::Attention,
+        Kernel::AttnReduce,
+        Kernel::Stream,
+    ];
+
+    /// File name under `shaders/`.
+    pub fn file(self) -> &'static str {
+        match self {
+            Kernel::QuantizeAppend => "quantize_append.wgsl",
+            Kernel::Dequantize => "dequantize.wgsl",
+            Kernel::Attention => "attention.wgsl",
+            Kernel::AttnReduce => "attn_reduce.wgsl",
+            Kernel::Stream => "stream.wgsl",
+        }
+    }
+
+    fn body(self) -> &'static str {
+        match self {
+            Kernel::QuantizeAppend => include_str!("../../shaders/quantize_append.wgsl"),
+            Kernel::Dequantize => include_str!("../../shaders/dequantize.wgsl"),
+            Kernel::Attention => include_str!("../../shaders/attention.wgsl"),
+            Kernel::AttnReduce => include_str!("../../shaders/attn_reduce.wgsl"),
+            Kernel::Stream => include_str!("../../shaders/stream.wgsl"),
+        }
+    }
+
+    /// The full source: common helpers, then the kernel.
+    pub fn source(self) -> String {
+        format!("{COMMON}\n{}", self.body())
+    }
+}
+
+/// Parses and validates WGSL with naga, returning the module and its info.
+pub fn validate(name: &str, source: &str) -> Result<(naga::Module, naga::valid::ModuleInfo)> {
+    let module = naga::front::wgsl::parse_str(source)
+        .map_err(|e| Error::Device(format!("{name}: {}", e.emit_to_string(source))))?;
+    let info = naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::empty(),
+    )
+    .validate(&module)
+    .map_err(|e| Error::Device(format!("{name}: {}", e.emit_to_string(source))))?;
+    Ok((module, info))
+}

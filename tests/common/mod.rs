@@ -1,0 +1,71 @@
+//! Shared test support: every backend the machine has, seeded data, tolerances.
+#![allow(dead_code)]
+
+use std::sync::{Arc, OnceLock};
+
+use kvq::backend::BackendKind;
+use kvq::cpu::CpuBackend;
+use kvq::{Backend, Preference};
+
+/// The CPU reference and, where an adapter exists, the wgpu backend. With `CI=true`
+/// a missing GPU adapter fails the test instead of leaving it CPU-only.
+pub fn backends() -> Vec<Arc<dyn Backend>> {
+    let mut v: Vec<Arc<dyn Backend>> = vec![Arc::new(CpuBackend::new())];
+    v.extend(gpu());
+    v
+}
+
+/// The GPU backend (wgpu), opened once per test binary.
+pub fn gpu() -> Option<Arc<dyn Backend>> {
+    static GPU: OnceLock<Option<Arc<dyn Backend>>> = OnceLock::new();
+    GPU.get_or_init(|| match kvq::select(&Preference::only(BackendKind::Wgpu)) {
+        Ok(s) => {
+            eprintln!("GPU backend: {}", s.reason);
+            Some(s.backend)
+        }
+        Err(e) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("CI=true requires a GPU adapter (install mesa-vulkan-drivers): {e}")
+        }
+        Err(e) => {
+            eprintln!("WARNING: no GPU adapter, GPU tests run on nothing: {e}");
+            None
+        }
+    })
+    .clone()
+}
+
+/// Small deterministic generator (xorshift64*), so failures reproduce.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545F4914F6CDD1D)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f32 {
+        let u1 = self.uniform().max(1e-7);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+    }
+
+    pub fn normals(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.normal()).collect()
+    }
+
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
