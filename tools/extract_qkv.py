@@ -307,7 +307,7 @@ def main():
     assert all(0 <= l < m.n_layer for l in layers)
     print(f"model: llama arch, {m.n_layer} layers, d_model {m.d_model}, Hq {m.n_head}, "
           f"Hkv {m.n_kv}, D {m.head_dim}, rope theta {m.theta:g}, eps {m.eps:g}")
-    print(f"weight types: { {q: list(m.qtypes.values()).count(q) for q in set(m.qtypes.values())} }")
+    print(f"weight types: { {q: list(m.qtypes.values()).count(q) for q in sorted(set(m.qtypes.values()))} }")
 
     tok = build_tokenizer(m)
     ids = tok.encode(TEXT).ids
