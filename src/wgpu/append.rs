@@ -1,8 +1,9 @@
 //! Quantize-and-append and dequantize dispatches (`shaders/quantize_append.wgsl`,
 //! `shaders/dequantize.wgsl`).
 
+use super::pipelines::PipelineKey;
 use super::shaders::Kernel;
-use super::{ROW_WG, WgpuBackend, row_key};
+use super::{ROW_WG, WgpuBackend};
 use crate::backend::{AppendArgs, DeviceBuffer, Pool};
 use crate::{Error, Result};
 
@@ -22,7 +23,7 @@ pub fn quantize_append(b: &WgpuBackend, args: &AppendArgs<'_>) -> Result<()> {
             let rows = rows(n, l.kv_heads)?;
             b.dispatch_rows(
                 enc,
-                &row_key(Kernel::QuantizeAppend, pool),
+                &PipelineKey::rows(Kernel::QuantizeAppend, pool),
                 &params(n, pool),
                 &[src, args.slots, &pool.data, &pool.side],
                 rows,
@@ -50,7 +51,7 @@ pub fn dequantize(
     b.submit(|enc| {
         b.dispatch_rows(
             enc,
-            &row_key(Kernel::Dequantize, pool),
+            &PipelineKey::rows(Kernel::Dequantize, pool),
             &params(tokens, pool),
             &[slots, &pool.data, &pool.side, out],
             rows(tokens, l.kv_heads)?,

@@ -4,7 +4,6 @@
 
 use super::WgpuBackend;
 use super::pipelines::PipelineKey;
-use super::shaders::Kernel;
 use crate::backend::{AttnArgs, Backend, DeviceType};
 use crate::{Error, Result};
 
@@ -30,7 +29,7 @@ pub fn prefill(b: &WgpuBackend, args: &AttnArgs<'_>) -> Result<()> {
 }
 
 /// q heads one workgroup takes: the largest power of two dividing the GQA ratio, at most 8.
-fn heads_per_group(ratio: u32) -> u32 {
+pub fn heads_per_group(ratio: u32) -> u32 {
     let mut qh = 1;
     while qh < MAX_ROWS && ratio % (qh * 2) == 0 {
         qh *= 2;
@@ -75,18 +74,7 @@ fn run(b: &WgpuBackend, args: &AttnArgs<'_>, qb: u32) -> Result<()> {
     let partial = b.alloc(rows * splits * (d + 2))?;
     let meta_buf = b.alloc(meta.len())?;
     b.upload(&meta_buf, 0, &meta)?;
-    let attn_key = PipelineKey {
-        kernel: Kernel::Attention,
-        constants: vec![
-            ("K_DTYPE", kl.dtype.tag()),
-            ("V_DTYPE", args.v.layout.dtype.tag()),
-            ("HEAD_DIM", d as u32),
-            ("K_GROUP", kl.dtype.group().max(8)),
-            ("V_GROUP", args.v.layout.dtype.group().max(8)),
-            ("QH", qh),
-            ("QB", qb),
-        ],
-    };
+    let attn_key = PipelineKey::attention(kl.dtype, args.v.layout.dtype, d, qh, qb);
     let uniform = [
         kl.kv_heads as u32,
         kl.block_size as u32,
@@ -110,10 +98,7 @@ fn run(b: &WgpuBackend, args: &AttnArgs<'_>, qb: u32) -> Result<()> {
             max: max as u64,
         });
     }
-    let reduce_key = PipelineKey {
-        kernel: Kernel::AttnReduce,
-        constants: vec![("HEAD_DIM", d as u32)],
-    };
+    let reduce_key = PipelineKey::reduce(d);
     b.submit(|enc| {
         b.dispatch(
             enc,

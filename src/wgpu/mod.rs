@@ -5,8 +5,8 @@
 //! specialisation; pools are plain storage buffers of u32 in DESIGN §2's layout.
 
 mod append;
-mod attention;
-mod pipelines;
+pub mod attention;
+pub mod pipelines;
 mod probe;
 pub mod shaders;
 
@@ -297,18 +297,5 @@ impl Backend for WgpuBackend {
 
     fn synchronize(&self) -> Result<()> {
         self.wait(None)
-    }
-}
-
-/// Kernels of this backend, shared by the op modules.
-pub(crate) fn row_key(kernel: shaders::Kernel, pool: &Pool) -> PipelineKey {
-    let l = &pool.layout;
-    PipelineKey {
-        kernel,
-        constants: vec![
-            ("DTYPE", l.dtype.tag()),
-            ("HEAD_DIM", l.head_dim as u32),
-            ("GROUP", l.dtype.group().max(8)),
-        ],
     }
 }

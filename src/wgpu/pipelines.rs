@@ -3,7 +3,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::shaders::Kernel;
+use super::shaders::{self, Kernel};
+use crate::backend::Pool;
+use crate::{Error, KvDtype, Result};
 
 /// One specialisation of a kernel: its override constants.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -12,6 +14,68 @@ pub struct PipelineKey {
     pub kernel: Kernel,
     /// `(override name, value)` pairs, in a fixed order per kernel.
     pub constants: Vec<(&'static str, u32)>,
+}
+
+impl PipelineKey {
+    /// Per-row kernels (quantize-append, dequantize) for one pool.
+    pub fn rows(kernel: Kernel, pool: &Pool) -> Self {
+        let l = &pool.layout;
+        PipelineKey {
+            kernel,
+            constants: vec![
+                ("DTYPE", l.dtype.tag()),
+                ("HEAD_DIM", l.head_dim as u32),
+                ("GROUP", l.dtype.group().max(8)),
+            ],
+        }
+    }
+
+    /// The attention kernel for `qh` q heads and `qb` positions per workgroup.
+    pub fn attention(k: KvDtype, v: KvDtype, head_dim: usize, qh: u32, qb: u32) -> Self {
+        PipelineKey {
+            kernel: Kernel::Attention,
+            constants: vec![
+                ("K_DTYPE", k.tag()),
+                ("V_DTYPE", v.tag()),
+                ("HEAD_DIM", head_dim as u32),
+                ("K_GROUP", k.group().max(8)),
+                ("V_GROUP", v.group().max(8)),
+                ("QH", qh),
+                ("QB", qb),
+            ],
+        }
+    }
+
+    /// The combine pass of attention.
+    pub fn reduce(head_dim: usize) -> Self {
+        PipelineKey {
+            kernel: Kernel::AttnReduce,
+            constants: vec![("HEAD_DIM", head_dim as u32)],
+        }
+    }
+
+    /// Validates this specialisation with naga (overrides applied), returning the
+    /// number of bindings of group 0.
+    pub fn validate(&self) -> Result<usize> {
+        let name = format!("{} {:?}", self.kernel.file(), self.constants);
+        let (module, info) = shaders::validate(&name, &self.kernel.source())?;
+        let mut constants = naga::back::PipelineConstants::default();
+        for &(n, v) in &self.constants {
+            constants.insert(n.to_string(), v as f64);
+        }
+        let (module, _) = naga::back::pipeline_constants::process_overrides(
+            &module,
+            &info,
+            Some((naga::ShaderStage::Compute, "main")),
+            &constants,
+        )
+        .map_err(|e| Error::Device(format!("{name}: {e}")))?;
+        Ok(module
+            .global_variables
+            .iter()
+            .filter(|(_, g)| g.binding.as_ref().is_some_and(|b| b.group == 0))
+            .count())
+    }
 }
 
 /// Shader modules and pipelines of one device.

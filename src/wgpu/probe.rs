@@ -45,6 +45,9 @@ pub fn check(adapter: &wgpu::Adapter) -> Result<(), String> {
     if !caps.flags.contains(wgpu::DownlevelFlags::COMPUTE_SHADERS) {
         return Err("rejected: no compute shaders".into());
     }
+    if !caps.flags.contains(wgpu::DownlevelFlags::SHADER_F16_IN_F32) {
+        return Err("rejected: no unpack2x16float (downlevel flag SHADER_F16_IN_F32)".into());
+    }
     check_limits(&adapter.limits())
 }
 

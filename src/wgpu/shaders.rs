@@ -65,9 +65,19 @@ pub fn validate(name: &str, source: &str) -> Result<(naga::Module, naga::valid::
         .map_err(|e| Error::Device(format!("{name}: {}", e.emit_to_string(source))))?;
     let info = naga::valid::Validator::new(
         naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::empty(),
+        // unpack2x16float: core WGSL, granted by wgpu on every adapter with the
+        // SHADER_F16_IN_F32 downlevel flag (checked when probing).
+        naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32,
     )
     .validate(&module)
-    .map_err(|e| Error::Device(format!("{name}: {}", e.emit_to_string(source))))?;
+    .map_err(|e| {
+        let mut msg = format!("{name}: {}", e.emit_to_string(source));
+        let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(e.as_inner());
+        while let Some(c) = cause {
+            msg.push_str(&format!(": {c}"));
+            cause = c.source();
+        }
+        Error::Device(msg)
+    })?;
     Ok((module, info))
 }

@@ -69,3 +69,45 @@ impl Rng {
         (self.next_u64() % n as u64) as usize
     }
 }
+
+use kvq::{CacheConfig, KvCache, SeqId};
+
+/// A cache on `backend` holding `lens[i]` random tokens for sequence i (one layer),
+/// appended in interleaved chunks so that block tables are scattered. Returns the
+/// cache, the sequences and each sequence's K and V (`[T, kv_heads, D]`).
+pub fn filled(
+    backend: Arc<dyn Backend>,
+    cfg: CacheConfig,
+    lens: &[usize],
+    seed: u64,
+) -> (KvCache, Vec<SeqId>, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let row = cfg.kv_heads * cfg.head_dim;
+    let mut cache = KvCache::new(backend, cfg).unwrap();
+    let seqs: Vec<SeqId> = lens.iter().map(|_| cache.add_sequence()).collect();
+    let mut rng = Rng::new(seed);
+    let ks: Vec<Vec<f32>> = lens.iter().map(|&n| rng.normals(n * row)).collect();
+    let vs: Vec<Vec<f32>> = lens.iter().map(|&n| rng.normals(n * row)).collect();
+    let mut done = vec![0usize; lens.len()];
+    let chunk = 7;
+    while done.iter().zip(lens).any(|(d, l)| d < l) {
+        for i in 0..lens.len() {
+            let n = chunk.min(lens[i] - done[i]);
+            if n == 0 {
+                continue;
+            }
+            let span = done[i] * row..(done[i] + n) * row;
+            cache
+                .append(&[(seqs[i], n)], &ks[i][span.clone()], &vs[i][span])
+                .unwrap();
+            done[i] += n;
+        }
+    }
+    (cache, seqs, ks, vs)
+}
+
+/// Each head vector of `x` (`[.., D]`) passed through the storage format.
+pub fn round_trip(dtype: kvq::KvDtype, x: &[f32], head_dim: usize) -> Vec<f32> {
+    x.chunks(head_dim)
+        .flat_map(|v| kvq::quant::round_trip(dtype, v))
+        .collect()
+}

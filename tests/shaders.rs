@@ -1,0 +1,118 @@
+//! Every WGSL kernel, and every specialisation kvq dispatches, validated by naga;
+//! then built into pipelines on the adapter (where there is one).
+
+mod common;
+
+use kvq::KvDtype;
+use kvq::wgpu::attention::heads_per_group;
+use kvq::wgpu::pipelines::PipelineKey;
+use kvq::wgpu::shaders::{Kernel, validate};
+
+/// Storage buffers + the uniform each kernel binds in `src/wgpu/`.
+fn bindings(kernel: Kernel) -> usize {
+    match kernel {
+        Kernel::QuantizeAppend | Kernel::Dequantize => 5,
+        Kernel::Attention => 9,
+        Kernel::AttnReduce | Kernel::Stream => 3,
+    }
+}
+
+fn dtypes(head_dim: usize) -> Vec<KvDtype> {
+    let mut v = vec![KvDtype::F16, KvDtype::Int8];
+    for g in [8, 16, 32, 64, 128] {
+        if head_dim % g == 0 {
+            v.push(KvDtype::Int4 { group: g as u32 });
+        }
+    }
+    v
+}
+
+/// Every specialisation the backend can dispatch for the head dims we support.
+fn keys() -> Vec<PipelineKey> {
+    let mut keys = Vec::new();
+    for d in [64usize, 80, 96, 128, 256] {
+        keys.push(PipelineKey::reduce(d));
+        for k in dtypes(d) {
+            for kernel in [Kernel::QuantizeAppend, Kernel::Dequantize] {
+                keys.push(PipelineKey {
+                    kernel,
+                    constants: vec![
+                        ("DTYPE", dtype_tag(k)),
+                        ("HEAD_DIM", d as u32),
+                        ("GROUP", group(k)),
+                    ],
+                });
+            }
+            for v in [KvDtype::F16, KvDtype::Int8, KvDtype::int4_default(d)] {
+                for ratio in [1u32, 2, 4, 8] {
+                    let qh = heads_per_group(ratio);
+                    for qb in [1, 8 / qh] {
+                        keys.push(PipelineKey::attention(k, v, d, qh, qb));
+                    }
+                }
+            }
+        }
+    }
+    keys
+}
+
+fn dtype_tag(d: KvDtype) -> u32 {
+    match d {
+        KvDtype::F16 => 0,
+        KvDtype::Int8 => 1,
+        KvDtype::Int4 { .. } => 2,
+    }
+}
+
+fn group(d: KvDtype) -> u32 {
+    match d {
+        KvDtype::Int4 { group } => group,
+        _ => 8,
+    }
+}
+
+#[test]
+fn every_kernel_parses_and_validates() {
+    let errors: Vec<String> = Kernel::ALL
+        .iter()
+        .filter_map(|k| validate(k.file(), &k.source()).err().map(|e| e.to_string()))
+        .collect();
+    assert!(errors.is_empty(), "naga rejected:\n{}", errors.join("\n"));
+}
+
+#[test]
+fn every_file_in_shaders_is_a_kernel_or_the_prelude() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if name.ends_with(".wgsl") && name != "common.wgsl" {
+            assert!(
+                Kernel::ALL.iter().any(|k| k.file() == name),
+                "{name} is not registered in Kernel::ALL"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_specialisation_validates_with_the_bindings_we_bind() {
+    let keys = keys();
+    let mut errors = Vec::new();
+    for key in &keys {
+        match key.validate() {
+            Ok(n) if n == bindings(key.kernel) => {}
+            Ok(n) => errors.push(format!(
+                "{key:?}: {n} bindings, we bind {}",
+                bindings(key.kernel)
+            )),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    assert!(
+        errors.is_empty(),
+        "{} of {} failed:\n{}",
+        errors.len(),
+        keys.len(),
+        errors.join("\n")
+    );
+}
