@@ -1,0 +1,158 @@
+//! GPU quantize-append against the CPU reference, word for word (DESIGN §1, §2):
+//! codes equal except ±1 where `x / scale` lies within a few ulps of a rounding
+//! boundary (GPU division is not correctly rounded), side data equal.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{Rng, gpu};
+use kvq::cpu::CpuBackend;
+use kvq::{Backend, CacheConfig, KvCache, KvDtype};
+
+/// Largest share of codes allowed to differ by one.
+const MAX_OFF_BY_ONE_RATE: f64 = 1e-4;
+
+fn dtypes(d: usize) -> Vec<KvDtype> {
+    let mut v = vec![KvDtype::F16, KvDtype::Int8];
+    for g in [8u32, 16, 32, 64, 128] {
+        if d % g as usize == 0 {
+            v.push(KvDtype::Int4 { group: g });
+        }
+    }
+    v
+}
+
+/// Code width in bits and code words' layout for comparing element by element.
+fn codes(dtype: KvDtype, words: &[u32]) -> Vec<i32> {
+    match dtype {
+        KvDtype::F16 => words
+            .iter()
+            .flat_map(|w| [(w & 0xffff) as i32, (w >> 16) as i32])
+            .collect(),
+        KvDtype::Int8 => words
+            .iter()
+            .flat_map(|w| (0..4).map(move |i| (*w >> (8 * i)) as u8 as i8 as i32))
+            .collect(),
+        KvDtype::Int4 { .. } => words
+            .iter()
+            .flat_map(|w| (0..8).map(move |i| ((*w >> (4 * i)) & 15) as i32))
+            .collect(),
+    }
+}
+
+/// Same appends on both backends; returns (codes compared, codes off by one).
+fn compare(gpu: &Arc<dyn Backend>, dtype: KvDtype, d: usize, seed: u64) -> (usize, usize) {
+    let kv_heads = 3;
+    let cfg = CacheConfig::new(1, kv_heads, d, 600)
+        .with_dtypes(dtype, dtype)
+        .with_block_size(16);
+    let cpu: Arc<dyn Backend> = Arc::new(CpuBackend::new());
+    let (mut a, mut b) = (
+        KvCache::new(cpu, cfg).unwrap(),
+        KvCache::new(gpu.clone(), cfg).unwrap(),
+    );
+    let mut rng = Rng::new(seed);
+    let seqs: Vec<_> = (0..5)
+        .map(|_| (a.add_sequence(), b.add_sequence()))
+        .collect();
+    // Interleaved appends of varied sizes scatter the block tables.
+    for round in 0..6 {
+        for (i, &(sa, sb)) in seqs.iter().enumerate() {
+            let n = 1 + (round * 7 + i * 5) % 23;
+            let row = kv_heads * d;
+            // Mixed magnitudes, an exact-zero vector and a constant vector.
+            let mut k: Vec<f32> = (0..n * row)
+                .map(|_| rng.normal() * 10f32.powi(rng.below(5) as i32 - 2))
+                .collect();
+            if round == 1 {
+                k[..d].fill(0.0);
+                k[d..2 * d].fill(0.75);
+            }
+            let v: Vec<f32> = rng.normals(n * row);
+            a.append(&[(sa, n)], &k, &v).unwrap();
+            b.append(&[(sb, n)], &k, &v).unwrap();
+        }
+    }
+    let (mut total, mut off) = (0, 0);
+    for layer_pool in 0..2 {
+        let (pa, pb) = (a.pools(0).unwrap(), b.pools(0).unwrap());
+        let (pa, pb) = if layer_pool == 0 {
+            (pa.0, pb.0)
+        } else {
+            (pa.1, pb.1)
+        };
+        let side_a = a.backend().download(&pa.side, 0, pa.side.words()).unwrap();
+        let side_b = b.backend().download(&pb.side, 0, pb.side.words()).unwrap();
+        assert_eq!(side_a, side_b, "{dtype} D {d}: side data differ");
+        let ca = codes(
+            dtype,
+            &a.backend().download(&pa.data, 0, pa.data.words()).unwrap(),
+        );
+        let cb = codes(
+            dtype,
+            &b.backend().download(&pb.data, 0, pb.data.words()).unwrap(),
+        );
+        for (i, (x, y)) in ca.iter().zip(&cb).enumerate() {
+            let diff = (x - y).abs();
+            assert!(
+                dtype != KvDtype::F16 || diff == 0,
+                "{dtype} D {d}: f16 element {i}: {x:#x} vs {y:#x}"
+            );
+            assert!(diff <= 1, "{dtype} D {d}: code {i}: cpu {x} gpu {y}");
+            off += diff as usize;
+        }
+        total += ca.len();
+    }
+    (total, off)
+}
+
+#[test]
+fn gpu_append_matches_cpu_codes() {
+    let Some(gpu) = gpu() else { return };
+    let mut report = Vec::new();
+    for d in [64usize, 80, 96, 128, 256] {
+        for dtype in dtypes(d) {
+            let (total, off) = compare(&gpu, dtype, d, d as u64);
+            report.push(format!("{dtype} D {d}: {off} of {total} codes off by one"));
+            assert!(
+                off as f64 <= MAX_OFF_BY_ONE_RATE * total as f64,
+                "{dtype} D {d}: {off} of {total} codes off by one"
+            );
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+/// Dequantize on the GPU equals the CPU reference's dequantization of the same pool.
+#[test]
+fn gpu_dequantize_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    for dtype in [KvDtype::F16, KvDtype::Int8, KvDtype::Int4 { group: 16 }] {
+        let d = 80;
+        let cfg = CacheConfig::new(1, 2, d, 256).with_dtypes(dtype, dtype);
+        let (cache, seqs, ks, _) = common::filled(gpu.clone(), cfg, &[40, 70], 4);
+        let (kpool, _) = cache.pools(0).unwrap();
+        let bs = cfg.block_size as u32;
+        for (i, &s) in seqs.iter().enumerate() {
+            let table = cache.blocks().block_table(s).unwrap();
+            let n = cache.seq_len(s).unwrap();
+            let slots: Vec<u32> = (0..n)
+                .map(|p| table[p / bs as usize] * bs + (p as u32 % bs))
+                .collect();
+            let sb = gpu.alloc(n).unwrap();
+            gpu.upload(&sb, 0, &slots).unwrap();
+            let out = gpu.alloc(n * 2 * d).unwrap();
+            gpu.dequantize(kpool, &sb, n, &out).unwrap();
+            let got: Vec<f32> =
+                bytemuck::cast_slice(&gpu.download(&out, 0, n * 2 * d).unwrap()).to_vec();
+            let want = common::round_trip(dtype, &ks[i], d);
+            for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                    "{dtype} seq {i} elem {j}: {g} vs {w}"
+                );
+            }
+        }
+    }
+}
