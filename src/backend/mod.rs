@@ -240,6 +240,10 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Causal prefill attention: `q_len` queries per sequence, at its last positions.
     fn prefill(&self, args: &AttnArgs<'_>) -> Result<()>;
 
+    /// Reads `words` words of `buf` with a trivial streaming kernel and waits: the
+    /// roofline that attention's bytes per second are compared with (DESIGN §5).
+    fn stream(&self, buf: &DeviceBuffer, words: usize) -> Result<()>;
+
     /// Waits until all submitted work is done.
     fn synchronize(&self) -> Result<()>;
 }

@@ -295,6 +295,20 @@ impl Backend for WgpuBackend {
         attention::prefill(self, args)
     }
 
+    fn stream(&self, src: &DeviceBuffer, words: usize) -> Result<()> {
+        src.check_range("stream", 0, words)?;
+        let groups = (self.info.limits.max_workgroups_per_dimension).min(1024);
+        let sink = self.alloc(groups as usize * 64)?;
+        let key = PipelineKey {
+            kernel: shaders::Kernel::Stream,
+            constants: Vec::new(),
+        };
+        let index = self.submit(|enc| {
+            self.dispatch(enc, &key, &[words as u32, 0, 0, 0], &[src, &sink], [groups, 1, 1])
+        })?;
+        self.wait(Some(index))
+    }
+
     fn synchronize(&self) -> Result<()> {
         self.wait(None)
     }

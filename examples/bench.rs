@@ -1,0 +1,278 @@
+//! Decode attention speed per dtype and context, against a streaming-read roofline
+//! measured in the same run on the same device (DESIGN §5).
+//!
+//!     cargo run --release --example bench -- --backend wgpu --context 1024,4096,16384 \
+//!         --batch 1 --q-heads 32 --kv-heads 8 --head-dim 128 --dtypes f16,int8,int4 \
+//!         [--json] [--plot FILE.svg] [--iters N]
+//!
+//! A dtype is `K` or `K/V` (e.g. `int8/int4`). Times are medians of wall-clock time
+//! from submit to completion after warm-up.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kvq::backend::{AttnArgs, BackendKind, SeqInfo};
+use kvq::{AttnParams, Backend, CacheConfig, Error, KvCache, KvDtype, Preference, Result};
+
+struct Opts {
+    backend: Option<BackendKind>,
+    contexts: Vec<usize>,
+    batch: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    dtypes: Vec<(KvDtype, KvDtype)>,
+    json: bool,
+    plot: Option<String>,
+    iters: usize,
+}
+
+fn parse() -> Result<Opts> {
+    let mut o = Opts {
+        backend: None,
+        contexts: vec![1024, 4096, 16384],
+        batch: 1,
+        q_heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+        dtypes: vec![
+            (KvDtype::F16, KvDtype::F16),
+            (KvDtype::Int8, KvDtype::Int8),
+            (KvDtype::Int4 { group: 32 }, KvDtype::Int4 { group: 32 }),
+        ],
+        json: false,
+        plot: None,
+        iters: 20,
+    };
+    let bad = |flag: &str, v: &str| Error::InvalidConfig(format!("bad value {v:?} for {flag}"));
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let mut value = || args.next().ok_or_else(|| Error::InvalidConfig(format!("{flag} needs a value")));
+        let num = |v: String| v.trim().parse::<usize>().map_err(|_| bad(&flag, &v));
+        match flag.as_str() {
+            "--backend" => o.backend = Some(value()?.parse()?),
+            "--context" => {
+                o.contexts = value()?.split(',').map(|c| num(c.to_string())).collect::<Result<_>>()?
+            }
+            "--batch" => o.batch = num(value()?)?,
+            "--q-heads" => o.q_heads = num(value()?)?,
+            "--kv-heads" => o.kv_heads = num(value()?)?,
+            "--head-dim" => o.head_dim = num(value()?)?,
+            "--iters" => o.iters = num(value()?)?.max(1),
+            "--dtypes" => {
+                o.dtypes = value()?
+                    .split(',')
+                    .map(|d| match d.split_once('/') {
+                        Some((k, v)) => Ok((k.parse()?, v.parse()?)),
+                        None => Ok((d.parse()?, d.parse()?)),
+                    })
+                    .collect::<Result<_>>()?
+            }
+            "--json" => o.json = true,
+            "--plot" => o.plot = Some(value()?),
+            "--help" | "-h" => {
+                println!("{}", include_str!("bench.rs").lines().take(9).collect::<Vec<_>>().join("\n"));
+                std::process::exit(0);
+            }
+            other => return Err(Error::InvalidConfig(format!("unknown flag {other}"))),
+        }
+    }
+    if o.batch == 0 || o.contexts.contains(&0) {
+        return Err(Error::InvalidConfig("batch and contexts must be positive".into()));
+    }
+    Ok(o)
+}
+
+struct Row {
+    k: KvDtype,
+    v: KvDtype,
+    context: usize,
+    median_us: f64,
+    bytes: usize,
+    roofline_gbps: Option<f64>,
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+fn time(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..2.min(iters) {
+        f()?;
+    }
+    let mut t = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let start = Instant::now();
+        f()?;
+        t.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(median(t))
+}
+
+/// Median time of one decode over `batch` sequences of `context` tokens.
+fn bench_decode(b: &Arc<dyn Backend>, o: &Opts, k: KvDtype, v: KvDtype, context: usize) -> Result<Row> {
+    let cfg = CacheConfig::new(1, o.kv_heads, o.head_dim, o.batch * context).with_dtypes(k, v);
+    let mut cache = KvCache::new(b.clone(), cfg)?;
+    let row = o.kv_heads * o.head_dim;
+    let mut seqs = Vec::new();
+    let chunk = 4096;
+    let mut x = 0x9E3779B9u32;
+    let mut noise = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x >> 8) as f32 / (1 << 24) as f32 - 0.5
+            })
+            .collect()
+    };
+    for _ in 0..o.batch {
+        let s = cache.add_sequence();
+        let mut done = 0;
+        while done < context {
+            let n = chunk.min(context - done);
+            let (kk, vv) = (noise(n * row), noise(n * row));
+            cache.append(&[(s, n)], &kk, &vv)?;
+            done += n;
+        }
+        seqs.push(s);
+    }
+    // Everything the call needs stays on the device; only the kernel runs per iteration.
+    let mut tables = Vec::new();
+    let mut infos = Vec::new();
+    for (i, &s) in seqs.iter().enumerate() {
+        infos.push(SeqInfo {
+            kv_len: context as u32,
+            table_offset: tables.len() as u32,
+            q_offset: i as u32,
+            q_len: 1,
+        });
+        tables.extend_from_slice(cache.blocks().block_table(s)?);
+    }
+    let upload = |w: &[u32]| -> Result<_> {
+        let buf = b.alloc(w.len())?;
+        b.upload(&buf, 0, w)?;
+        Ok(buf)
+    };
+    let q = upload(bytemuck::cast_slice(&noise(o.batch * o.q_heads * o.head_dim)))?;
+    let out = b.alloc(o.batch * o.q_heads * o.head_dim)?;
+    let tables = upload(&tables)?;
+    let (kp, vp) = cache.pools(0)?;
+    let args = AttnArgs {
+        k: kp,
+        v: vp,
+        q: &q,
+        out: &out,
+        block_tables: &tables,
+        seqs: &infos,
+        params: AttnParams::new(o.q_heads).resolve(o.kv_heads, o.head_dim)?,
+    };
+    let median_us = time(o.iters, || {
+        b.decode(&args)?;
+        b.synchronize()
+    })?;
+    let bytes = o.batch * context * o.kv_heads * (k.bytes_per_token_head(o.head_dim) + v.bytes_per_token_head(o.head_dim));
+    Ok(Row { k, v, context, median_us, bytes, roofline_gbps: None })
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let o = parse()?;
+    let pref = match o.backend {
+        Some(kind) => Preference::only(kind),
+        None => Preference::default(),
+    };
+    let chosen = kvq::select(&pref)?;
+    let b = chosen.backend;
+    if !o.json {
+        println!("backend: {}", chosen.reason);
+        println!(
+            "batch {} q_heads {} kv_heads {} head_dim {}; median of {} calls\n",
+            o.batch, o.q_heads, o.kv_heads, o.head_dim, o.iters
+        );
+        println!(
+            "{:<9} {:<9} {:>7} {:>11} {:>10} {:>8} {:>10} {:>6} {:>8}",
+            "K", "V", "context", "median_us", "MB", "GB/s", "roof GB/s", "roof%", "vs f16"
+        );
+    }
+    let mut rows = Vec::new();
+    for &context in &o.contexts {
+        let mut f16_us = None;
+        for &(k, v) in &o.dtypes {
+            let mut r = bench_decode(&b, &o, k, v, context)?;
+            // The roofline reads the same bytes from a buffer of the stream kernel's own.
+            let words = r.bytes / 4;
+            let buf = b.alloc(words)?;
+            let us = time(o.iters, || b.stream(&buf, words))?;
+            r.roofline_gbps = Some(r.bytes as f64 / us / 1e3);
+            if (k, v) == (KvDtype::F16, KvDtype::F16) {
+                f16_us = Some(r.median_us);
+            }
+            let gbps = r.bytes as f64 / r.median_us / 1e3;
+            if o.json {
+                println!(
+                    "{{\"backend\":\"{}\",\"adapter\":{:?},\"k_dtype\":\"{}\",\"v_dtype\":\"{}\",\"context\":{},\"batch\":{},\"q_heads\":{},\"kv_heads\":{},\"head_dim\":{},\"median_us\":{:.1},\"bytes\":{},\"gbps\":{:.3},\"roofline_gbps\":{}}}",
+                    b.info().kind, b.info().name, k, v, context, o.batch, o.q_heads, o.kv_heads, o.head_dim,
+                    r.median_us, r.bytes, gbps,
+                    r.roofline_gbps.map_or("null".to_string(), |g| format!("{g:.3}"))
+                );
+            } else {
+                let roof = r.roofline_gbps.map_or("-".into(), |g| format!("{g:.2}"));
+                let frac = r.roofline_gbps.map_or("-".into(), |g| format!("{:.0}%", 100.0 * gbps / g));
+                let ratio = f16_us.map_or("-".into(), |f| format!("{:.2}x", r.median_us / f));
+                println!(
+                    "{:<9} {:<9} {:>7} {:>11.0} {:>10.2} {:>8.2} {:>10} {:>6} {:>8}",
+                    k.to_string(), v.to_string(), context, r.median_us, r.bytes as f64 / 1e6, gbps, roof, frac, ratio
+                );
+            }
+            rows.push(r);
+        }
+    }
+    if let Some(path) = &o.plot {
+        plot(path, &rows).map_err(|e| Error::InvalidConfig(format!("plot {path}: {e}")))?;
+        if !o.json {
+            println!("\nplot written to {path}");
+        }
+    }
+    Ok(())
+}
+
+fn plot(path: &str, rows: &[Row]) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let max_ctx = rows.iter().map(|r| r.context).max().unwrap_or(1) as f64;
+    let max_us = rows.iter().map(|r| r.median_us).fold(1.0, f64::max);
+    let mut chart = ChartBuilder::on(&root)
+        .caption("kvq decode: time per call vs context", ("sans-serif", 20))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..max_ctx * 1.05, 0.0..max_us * 1.1)?;
+    chart.configure_mesh().x_desc("context (tokens)").y_desc("median time (us)").draw()?;
+    let mut keys: Vec<(KvDtype, KvDtype)> = Vec::new();
+    for r in rows {
+        if !keys.contains(&(r.k, r.v)) {
+            keys.push((r.k, r.v));
+        }
+    }
+    for (i, &(k, v)) in keys.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let pts: Vec<(f64, f64)> = rows.iter().filter(|r| (r.k, r.v) == (k, v)).map(|r| (r.context as f64, r.median_us)).collect();
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
+            .label(format!("K {k} / V {v}"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
+    root.present()?;
+    Ok(())
+}
