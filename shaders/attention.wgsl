@@ -45,6 +45,7 @@ override K_GROUP: u32 = 32u;
 override V_GROUP: u32 = 32u;
 override QH: u32 = 4u; // q heads per workgroup (power of two, divides ratio)
 override QB: u32 = 1u; // query positions per workgroup
+override BLOCK_SIZE: u32 = 16u;
 
 const WG: u32 = 64u;
 const TILE: u32 = 64u;       // keys per tile: one per invocation
@@ -58,54 +59,72 @@ var<workgroup> p_sh: array<f32, 512>;           // TILE * MAX_ROWS scores, then 
 var<workgroup> m_sh: array<f32, 8>;             // running max per row
 var<workgroup> corr_sh: array<f32, 8>;          // rescale factor of this tile per row
 var<workgroup> pos_sh: array<u32, 8>;           // position of each row's query
+var<workgroup> row_sh: array<u32, 64>;          // pool row of each key of the tile
 
 fn rows() -> u32 {
     return QH * QB;
 }
 
-fn kv_addr(block_size: u32, table_offset: u32, kvh: u32, t: u32) -> u32 {
-    let b = tables[table_offset + t / block_size];
-    return (b * P.kv_heads + kvh) * block_size + t % block_size;
+fn kv_addr(table_offset: u32, kvh: u32, t: u32) -> u32 {
+    let b = tables[table_offset + t / BLOCK_SIZE];
+    return (b * P.kv_heads + kvh) * BLOCK_SIZE + t % BLOCK_SIZE;
 }
 
-// Scaled q . k for every row, K dequantized in registers. `row` is the pool row.
-fn qk(row: u32, r: u32) -> f32 {
-    let qb = r * HEAD_DIM;
-    var acc = 0.0;
+// Scaled q . k of one key (pool row `row`) for every query row of the workgroup,
+// K dequantized in registers and each K word loaded once.
+fn qk(row: u32, n_rows: u32) -> array<f32, 8> {
+    var acc: array<f32, 8>;
+    for (var r = 0u; r < 8u; r++) {
+        acc[r] = 0.0;
+    }
     if (K_DTYPE == 0u) {
         let base = row * (HEAD_DIM / 2u);
         for (var w = 0u; w < HEAD_DIM / 2u; w++) {
             let kv = unpack2x16float(k_data[base + w]);
-            acc += q_sh[qb + 2u * w] * kv.x + q_sh[qb + 2u * w + 1u] * kv.y;
+            for (var r = 0u; r < n_rows; r++) {
+                let e = r * HEAD_DIM + 2u * w;
+                acc[r] += q_sh[e] * kv.x + q_sh[e + 1u] * kv.y;
+            }
         }
-        return acc;
     } else if (K_DTYPE == 1u) {
         let base = row * (HEAD_DIM / 4u);
         for (var w = 0u; w < HEAD_DIM / 4u; w++) {
             let word = bitcast<i32>(k_data[base + w]);
             let c = vec4<f32>(vec4<i32>(word << 24u, word << 16u, word << 8u, word) >> vec4<u32>(24u));
-            let e = qb + 4u * w;
-            acc += dot(vec4<f32>(q_sh[e], q_sh[e + 1u], q_sh[e + 2u], q_sh[e + 3u]), c);
+            for (var r = 0u; r < n_rows; r++) {
+                let e = r * HEAD_DIM + 4u * w;
+                acc[r] += dot(vec4<f32>(q_sh[e], q_sh[e + 1u], q_sh[e + 2u], q_sh[e + 3u]), c);
+            }
         }
-        return acc * bitcast<f32>(k_side[row]);
+        let scale = bitcast<f32>(k_side[row]);
+        for (var r = 0u; r < n_rows; r++) {
+            acc[r] *= scale;
+        }
     } else {
         let groups = HEAD_DIM / K_GROUP;
         let base = row * (HEAD_DIM / 8u);
         for (var g = 0u; g < groups; g++) {
             let s = unpack2x16float(k_side[row * groups + g]); // (scale, min)
-            var gacc = 0.0;
+            var gacc: array<f32, 8>;
+            for (var r = 0u; r < n_rows; r++) {
+                gacc[r] = 0.0;
+            }
             for (var w = 0u; w < K_GROUP / 8u; w++) {
                 let word = k_data[base + g * (K_GROUP / 8u) + w];
                 let lo = vec4<f32>((vec4<u32>(word) >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u));
                 let hi = vec4<f32>((vec4<u32>(word) >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u));
-                let e = qb + g * K_GROUP + 8u * w;
-                gacc += dot(vec4<f32>(q_sh[e], q_sh[e + 1u], q_sh[e + 2u], q_sh[e + 3u]), lo)
-                      + dot(vec4<f32>(q_sh[e + 4u], q_sh[e + 5u], q_sh[e + 6u], q_sh[e + 7u]), hi);
+                for (var r = 0u; r < n_rows; r++) {
+                    let e = r * HEAD_DIM + g * K_GROUP + 8u * w;
+                    gacc[r] += dot(vec4<f32>(q_sh[e], q_sh[e + 1u], q_sh[e + 2u], q_sh[e + 3u]), lo)
+                             + dot(vec4<f32>(q_sh[e + 4u], q_sh[e + 5u], q_sh[e + 6u], q_sh[e + 7u]), hi);
+                }
             }
-            acc += s.x * gacc + s.y * qsum_sh[r * 32u + g];
+            for (var r = 0u; r < n_rows; r++) {
+                acc[r] += s.x * gacc[r] + s.y * qsum_sh[r * 32u + g];
+            }
         }
-        return acc;
     }
+    return acc;
 }
 
 // Element d of the V vector in pool row `row`, and, for Int8/Int4, its factors:
@@ -123,6 +142,52 @@ fn v_elem(row: u32, d: u32) -> vec3<f32> {
         let c = (word >> (4u * (d % 8u))) & 15u;
         let s = unpack2x16float(v_side[row * (HEAD_DIM / V_GROUP) + d / V_GROUP]);
         return vec3<f32>(f32(c), s.x, s.y);
+    }
+}
+
+// acc[e] += p * V[row][d0 + e] for the owned run; whole words at a time when the
+// run is word aligned (the usual case), element by element otherwise.
+fn accumulate_v(acc: ptr<function, array<f32, MAX_OWN>>, row: u32, d0: u32, own: u32, p: f32) {
+    if (d0 >= HEAD_DIM) {
+        return;
+    }
+    if (V_DTYPE == 0u && own % 2u == 0u) {
+        let base = row * (HEAD_DIM / 2u) + d0 / 2u;
+        for (var w = 0u; w < own / 2u; w++) {
+            let pair = unpack2x16float(v_data[base + w]);
+            (*acc)[2u * w] += p * pair.x;
+            (*acc)[2u * w + 1u] += p * pair.y;
+        }
+    } else if (V_DTYPE == 1u && own % 4u == 0u) {
+        let base = row * (HEAD_DIM / 4u) + d0 / 4u;
+        let ps = p * bitcast<f32>(v_side[row]);
+        for (var w = 0u; w < own / 4u; w++) {
+            let word = bitcast<i32>(v_data[base + w]);
+            let c = vec4<f32>(vec4<i32>(word << 24u, word << 16u, word << 8u, word) >> vec4<u32>(24u)) * ps;
+            (*acc)[4u * w] += c.x;
+            (*acc)[4u * w + 1u] += c.y;
+            (*acc)[4u * w + 2u] += c.z;
+            (*acc)[4u * w + 3u] += c.w;
+        }
+    } else if (V_DTYPE == 2u && own % 8u == 0u && V_GROUP % own == 0u) {
+        let s = unpack2x16float(v_side[row * (HEAD_DIM / V_GROUP) + d0 / V_GROUP]);
+        let ps = p * s.x;
+        let pm = p * s.y;
+        let base = row * (HEAD_DIM / 8u) + d0 / 8u;
+        for (var w = 0u; w < own / 8u; w++) {
+            let word = v_data[base + w];
+            for (var j = 0u; j < 8u; j++) {
+                (*acc)[8u * w + j] += ps * f32((word >> (4u * j)) & 15u) + pm;
+            }
+        }
+    } else {
+        for (var e = 0u; e < own; e++) {
+            let d = d0 + e;
+            if (d < HEAD_DIM) {
+                let f = v_elem(row, d);
+                (*acc)[e] += p * (f.x * f.y + f.z);
+            }
+        }
     }
 }
 
@@ -192,9 +257,11 @@ fn main(
         // Scores: one key per invocation, every row.
         let t = t0 + lid;
         if (t < end) {
-            let row = kv_addr(P.block_size, info.table_offset, kvh, t);
+            let row = kv_addr(info.table_offset, kvh, t);
+            row_sh[lid] = row;
+            let dots = qk(row, n_rows);
             for (var r = 0u; r < n_rows; r++) {
-                var s = qk(row, r);
+                var s = dots[r];
                 if (P.softcap > 0.0) {
                     s = P.softcap * tanh(s / P.softcap);
                 }
@@ -233,14 +300,7 @@ fn main(
         for (var i = 0u; i < n_t; i++) {
             let p = p_sh[i * MAX_ROWS + my_row];
             l += p;
-            let row = kv_addr(P.block_size, info.table_offset, kvh, t0 + i);
-            for (var e = 0u; e < own; e++) {
-                let d = d0 + e;
-                if (d < HEAD_DIM) {
-                    let f = v_elem(row, d);
-                    acc[e] += p * (f.x * f.y + f.z);
-                }
-            }
+            accumulate_v(&acc, row_sh[i], d0, own, p);
         }
         workgroupBarrier();
     }

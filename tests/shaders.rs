@@ -47,7 +47,7 @@ fn keys() -> Vec<PipelineKey> {
                 for ratio in [1u32, 2, 4, 8] {
                     let qh = heads_per_group(ratio);
                     for qb in [1, 8 / qh] {
-                        keys.push(PipelineKey::attention(k, v, d, qh, qb));
+                        keys.push(PipelineKey::attention(k, v, d, 16, qh, qb));
                     }
                 }
             }

@@ -304,7 +304,13 @@ impl Backend for WgpuBackend {
             constants: Vec::new(),
         };
         let index = self.submit(|enc| {
-            self.dispatch(enc, &key, &[words as u32, 0, 0, 0], &[src, &sink], [groups, 1, 1])
+            self.dispatch(
+                enc,
+                &key,
+                &[words as u32, 0, 0, 0],
+                &[src, &sink],
+                [groups, 1, 1],
+            )
         })?;
         self.wait(Some(index))
     }

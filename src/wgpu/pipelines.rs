@@ -31,7 +31,14 @@ impl PipelineKey {
     }
 
     /// The attention kernel for `qh` q heads and `qb` positions per workgroup.
-    pub fn attention(k: KvDtype, v: KvDtype, head_dim: usize, qh: u32, qb: u32) -> Self {
+    pub fn attention(
+        k: KvDtype,
+        v: KvDtype,
+        head_dim: usize,
+        block_size: usize,
+        qh: u32,
+        qb: u32,
+    ) -> Self {
         PipelineKey {
             kernel: Kernel::Attention,
             constants: vec![
@@ -42,6 +49,7 @@ impl PipelineKey {
                 ("V_GROUP", v.group().max(8)),
                 ("QH", qh),
                 ("QB", qb),
+                ("BLOCK_SIZE", block_size as u32),
             ],
         }
     }
