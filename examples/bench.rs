@@ -47,12 +47,18 @@ fn parse() -> Result<Opts> {
     let bad = |flag: &str, v: &str| Error::InvalidConfig(format!("bad value {v:?} for {flag}"));
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
-        let mut value = || args.next().ok_or_else(|| Error::InvalidConfig(format!("{flag} needs a value")));
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| Error::InvalidConfig(format!("{flag} needs a value")))
+        };
         let num = |v: String| v.trim().parse::<usize>().map_err(|_| bad(&flag, &v));
         match flag.as_str() {
             "--backend" => o.backend = Some(value()?.parse()?),
             "--context" => {
-                o.contexts = value()?.split(',').map(|c| num(c.to_string())).collect::<Result<_>>()?
+                o.contexts = value()?
+                    .split(',')
+                    .map(|c| num(c.to_string()))
+                    .collect::<Result<_>>()?
             }
             "--batch" => o.batch = num(value()?)?,
             "--q-heads" => o.q_heads = num(value()?)?,
@@ -71,14 +77,23 @@ fn parse() -> Result<Opts> {
             "--json" => o.json = true,
             "--plot" => o.plot = Some(value()?),
             "--help" | "-h" => {
-                println!("{}", include_str!("bench.rs").lines().take(9).collect::<Vec<_>>().join("\n"));
+                println!(
+                    "{}",
+                    include_str!("bench.rs")
+                        .lines()
+                        .take(9)
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
                 std::process::exit(0);
             }
             other => return Err(Error::InvalidConfig(format!("unknown flag {other}"))),
         }
     }
     if o.batch == 0 || o.contexts.contains(&0) {
-        return Err(Error::InvalidConfig("batch and contexts must be positive".into()));
+        return Err(Error::InvalidConfig(
+            "batch and contexts must be positive".into(),
+        ));
     }
     Ok(o)
 }
@@ -111,7 +126,13 @@ fn time(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 }
 
 /// Median time of one decode over `batch` sequences of `context` tokens.
-fn bench_decode(b: &Arc<dyn Backend>, o: &Opts, k: KvDtype, v: KvDtype, context: usize) -> Result<Row> {
+fn bench_decode(
+    b: &Arc<dyn Backend>,
+    o: &Opts,
+    k: KvDtype,
+    v: KvDtype,
+    context: usize,
+) -> Result<Row> {
     let cfg = CacheConfig::new(1, o.kv_heads, o.head_dim, o.batch * context).with_dtypes(k, v);
     let mut cache = KvCache::new(b.clone(), cfg)?;
     let row = o.kv_heads * o.head_dim;
@@ -156,7 +177,9 @@ fn bench_decode(b: &Arc<dyn Backend>, o: &Opts, k: KvDtype, v: KvDtype, context:
         b.upload(&buf, 0, w)?;
         Ok(buf)
     };
-    let q = upload(bytemuck::cast_slice(&noise(o.batch * o.q_heads * o.head_dim)))?;
+    let q = upload(bytemuck::cast_slice(&noise(
+        o.batch * o.q_heads * o.head_dim,
+    )))?;
     let out = b.alloc(o.batch * o.q_heads * o.head_dim)?;
     let tables = upload(&tables)?;
     let (kp, vp) = cache.pools(0)?;
@@ -173,8 +196,18 @@ fn bench_decode(b: &Arc<dyn Backend>, o: &Opts, k: KvDtype, v: KvDtype, context:
         b.decode(&args)?;
         b.synchronize()
     })?;
-    let bytes = o.batch * context * o.kv_heads * (k.bytes_per_token_head(o.head_dim) + v.bytes_per_token_head(o.head_dim));
-    Ok(Row { k, v, context, median_us, bytes, roofline_gbps: None })
+    let bytes = o.batch
+        * context
+        * o.kv_heads
+        * (k.bytes_per_token_head(o.head_dim) + v.bytes_per_token_head(o.head_dim));
+    Ok(Row {
+        k,
+        v,
+        context,
+        median_us,
+        bytes,
+        roofline_gbps: None,
+    })
 }
 
 fn main() {
@@ -220,17 +253,38 @@ fn run() -> Result<()> {
             if o.json {
                 println!(
                     "{{\"backend\":\"{}\",\"adapter\":{:?},\"k_dtype\":\"{}\",\"v_dtype\":\"{}\",\"context\":{},\"batch\":{},\"q_heads\":{},\"kv_heads\":{},\"head_dim\":{},\"median_us\":{:.1},\"bytes\":{},\"gbps\":{:.3},\"roofline_gbps\":{}}}",
-                    b.info().kind, b.info().name, k, v, context, o.batch, o.q_heads, o.kv_heads, o.head_dim,
-                    r.median_us, r.bytes, gbps,
-                    r.roofline_gbps.map_or("null".to_string(), |g| format!("{g:.3}"))
+                    b.info().kind,
+                    b.info().name,
+                    k,
+                    v,
+                    context,
+                    o.batch,
+                    o.q_heads,
+                    o.kv_heads,
+                    o.head_dim,
+                    r.median_us,
+                    r.bytes,
+                    gbps,
+                    r.roofline_gbps
+                        .map_or("null".to_string(), |g| format!("{g:.3}"))
                 );
             } else {
                 let roof = r.roofline_gbps.map_or("-".into(), |g| format!("{g:.2}"));
-                let frac = r.roofline_gbps.map_or("-".into(), |g| format!("{:.0}%", 100.0 * gbps / g));
+                let frac = r
+                    .roofline_gbps
+                    .map_or("-".into(), |g| format!("{:.0}%", 100.0 * gbps / g));
                 let ratio = f16_us.map_or("-".into(), |f| format!("{:.2}x", r.median_us / f));
                 println!(
                     "{:<9} {:<9} {:>7} {:>11.0} {:>10.2} {:>8.2} {:>10} {:>6} {:>8}",
-                    k.to_string(), v.to_string(), context, r.median_us, r.bytes as f64 / 1e6, gbps, roof, frac, ratio
+                    k.to_string(),
+                    v.to_string(),
+                    context,
+                    r.median_us,
+                    r.bytes as f64 / 1e6,
+                    gbps,
+                    roof,
+                    frac,
+                    ratio
                 );
             }
             rows.push(r);
@@ -257,7 +311,11 @@ fn plot(path: &str, rows: &[Row]) -> std::result::Result<(), Box<dyn std::error:
         .x_label_area_size(40)
         .y_label_area_size(60)
         .build_cartesian_2d(0.0..max_ctx * 1.05, 0.0..max_us * 1.1)?;
-    chart.configure_mesh().x_desc("context (tokens)").y_desc("median time (us)").draw()?;
+    chart
+        .configure_mesh()
+        .x_desc("context (tokens)")
+        .y_desc("median time (us)")
+        .draw()?;
     let mut keys: Vec<(KvDtype, KvDtype)> = Vec::new();
     for r in rows {
         if !keys.contains(&(r.k, r.v)) {
@@ -266,13 +324,21 @@ fn plot(path: &str, rows: &[Row]) -> std::result::Result<(), Box<dyn std::error:
     }
     for (i, &(k, v)) in keys.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        let pts: Vec<(f64, f64)> = rows.iter().filter(|r| (r.k, r.v) == (k, v)).map(|r| (r.context as f64, r.median_us)).collect();
+        let pts: Vec<(f64, f64)> = rows
+            .iter()
+            .filter(|r| (r.k, r.v) == (k, v))
+            .map(|r| (r.context as f64, r.median_us))
+            .collect();
         chart
             .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
             .label(format!("K {k} / V {v}"))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
-    chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()?;
     root.present()?;
     Ok(())
 }

@@ -7,7 +7,10 @@ fn main() {
     let pref = kvq::Preference::allow_cpu();
     match kvq::probe(&pref) {
         Ok(p) => {
-            println!("kvq probe (preference after environment: {:?})", p.preference);
+            println!(
+                "kvq probe (preference after environment: {:?})",
+                p.preference
+            );
             println!("{p}");
         }
         Err(e) => {

@@ -36,7 +36,14 @@ fn run() -> Result<()> {
     let v: Vec<f32> = (0..tokens * row).map(|_| next()).collect();
     let q: Vec<f32> = (0..q_heads * head_dim).map(|_| next()).collect();
     let params = AttnParams::new(q_heads);
-    let exact = attention_f64(&q, &k, &v, kv_heads, head_dim, &params.resolve(kv_heads, head_dim)?);
+    let exact = attention_f64(
+        &q,
+        &k,
+        &v,
+        kv_heads,
+        head_dim,
+        &params.resolve(kv_heads, head_dim)?,
+    );
 
     println!(
         "\n{} tokens, {kv_heads} kv heads, {q_heads} q heads, head_dim {head_dim}\n",

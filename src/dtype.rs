@@ -127,6 +127,9 @@ impl FromStr for KvDtype {
             "int4" => Ok(KvDtype::Int4 { group: 32 }),
             other => {
                 let n = other.strip_prefix("int4:g").ok_or_else(bad)?;
+                if n.starts_with(['+', '0']) {
+                    return Err(bad());
+                }
                 let group: u32 = n.parse().map_err(|_| bad())?;
                 if group == 0 || group % 8 != 0 {
                     return Err(bad());

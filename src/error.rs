@@ -60,6 +60,11 @@ pub enum Error {
     #[error("sequence {0} appears twice in one batch")]
     DuplicateSequence(u64),
 
+    /// A reservation used after its cache changed (another extend, free or
+    /// truncate), or on a cache that did not make it.
+    #[error("stale reservation: reserve again with extend() after changing the cache")]
+    StaleReservation,
+
     /// NaN, ±Inf or a value outside f16's finite range in an input.
     #[error("non-finite or out-of-f16-range value {value} at index {index} of {what}")]
     NonFinite {

@@ -120,14 +120,17 @@ impl BlockManager {
     pub fn extend(&mut self, batch: &[(SeqId, usize)]) -> Result<Vec<u32>> {
         self.check_batch(batch.iter().map(|&(id, _)| id))?;
         let bs = self.block_size;
+        let too_many = Error::CapacityExceeded {
+            needed: usize::MAX,
+            free: self.free.len(),
+        };
         let mut needed = 0usize;
         for &(id, n) in batch {
             let seq = self.get(id)?;
-            let len = seq.len.checked_add(n).ok_or(Error::CapacityExceeded {
-                needed: usize::MAX,
-                free: self.free.len(),
-            })?;
-            needed += len.div_ceil(bs) - seq.blocks.len();
+            let len = seq.len.checked_add(n).ok_or(too_many.clone())?;
+            needed = needed
+                .checked_add(len.div_ceil(bs) - seq.blocks.len())
+                .ok_or(too_many.clone())?;
         }
         if needed > self.free.len() {
             return Err(Error::CapacityExceeded {

@@ -67,11 +67,16 @@ impl CacheConfig {
         self.k_dtype.check(self.head_dim)?;
         self.v_dtype.check(self.head_dim)?;
         // Word indices must fit u32 on every device.
-        for l in [self.layout(self.k_dtype), self.layout(self.v_dtype)] {
-            let words = l.data_words().max(l.side_words()) as u64;
-            if words > u32::MAX as u64 {
+        for dtype in [self.k_dtype, self.v_dtype] {
+            let per_row =
+                dtype.words_per_head(self.head_dim) + dtype.side_words_per_head(self.head_dim);
+            let words = [self.num_blocks, self.kv_heads, self.block_size, per_row]
+                .iter()
+                .try_fold(1u64, |a, &b| a.checked_mul(b as u64));
+            if words.is_none_or(|w| w > u32::MAX as u64) {
                 return Err(Error::InvalidConfig(format!(
-                    "a pool of {words} words does not fit 32-bit indexing"
+                    "{} blocks x {} heads x {} tokens of {dtype} do not fit 32-bit indexing",
+                    self.num_blocks, self.kv_heads, self.block_size
                 )));
             }
         }

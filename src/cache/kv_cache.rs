@@ -8,11 +8,14 @@ use crate::{AttnParams, Error, KvDtype, Result};
 
 use super::{BlockManager, CacheConfig, SeqId};
 
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Slots reserved by [`KvCache::extend`] for new tokens, to be written layer by
 /// layer with [`KvCache::write`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
     slots: Vec<u32>,
+    cache: u64,
     epoch: u64,
 }
 
@@ -75,6 +78,8 @@ pub struct KvCache {
     config: CacheConfig,
     layers: Vec<LayerPools>,
     blocks: BlockManager,
+    /// Distinguishes caches, so that a reservation only fits the cache that made it.
+    id: u64,
     epoch: u64,
 }
 
@@ -103,6 +108,7 @@ impl KvCache {
             backend,
             config,
             layers,
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             epoch: 0,
         })
     }
@@ -159,6 +165,7 @@ impl KvCache {
         self.epoch += 1;
         Ok(Reservation {
             slots,
+            cache: self.id,
             epoch: self.epoch,
         })
     }
@@ -166,10 +173,8 @@ impl KvCache {
     /// Quantizes and writes the reserved tokens' K and V (`[tokens, kv_heads, head_dim]`,
     /// f32) into `layer`. Checks everything before writing anything.
     pub fn write(&self, layer: usize, r: &Reservation, k: &[f32], v: &[f32]) -> Result<()> {
-        if r.epoch != self.epoch {
-            return Err(Error::InvalidConfig(
-                "stale reservation: the cache changed since extend()".into(),
-            ));
+        if r.cache != self.id || r.epoch != self.epoch {
+            return Err(Error::StaleReservation);
         }
         let pools = self.layer(layer)?;
         self.check_kv(r.tokens(), k, v)?;
@@ -193,9 +198,19 @@ impl KvCache {
     /// `[layers, tokens, kv_heads, head_dim]`, tokens in batch order. All or nothing.
     pub fn append(&mut self, batch: &[(SeqId, usize)], k: &[f32], v: &[f32]) -> Result<()> {
         self.blocks.check_batch(batch.iter().map(|b| b.0))?;
-        let tokens: usize = batch.iter().map(|b| b.1).sum();
-        let per_layer = tokens * self.config.kv_heads * self.config.head_dim;
-        let whole = per_layer * self.config.layers;
+        let c = &self.config;
+        let too_many = || Error::CapacityExceeded {
+            needed: usize::MAX,
+            free: self.blocks.free_blocks(),
+        };
+        let tokens = batch
+            .iter()
+            .try_fold(0usize, |a, b| a.checked_add(b.1))
+            .ok_or_else(too_many)?;
+        let per_layer = tokens
+            .checked_mul(c.kv_heads * c.head_dim)
+            .ok_or_else(too_many)?;
+        let whole = per_layer.checked_mul(c.layers).ok_or_else(too_many)?;
         check_len("k", whole, k.len())?;
         check_len("v", whole, v.len())?;
         check_finite("k", k)?;

@@ -18,7 +18,13 @@ pub const F16_MAX: f32 = 65504.0;
 
 /// Checks that every value is finite and within f16's range.
 pub fn check_finite(what: &'static str, x: &[f32]) -> Result<()> {
-    match x.iter().position(|v| !(v.abs() <= F16_MAX)) {
+    // Written so that NaN (which compares false) is rejected too.
+    match x.iter().position(|v| {
+        !matches!(
+            v.abs().partial_cmp(&F16_MAX),
+            Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)
+        )
+    }) {
         Some(index) => Err(Error::NonFinite {
             what,
             index,

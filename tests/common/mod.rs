@@ -72,15 +72,13 @@ impl Rng {
 
 use kvq::{CacheConfig, KvCache, SeqId};
 
+/// A filled cache, its sequences and their K and V.
+pub type Filled = (KvCache, Vec<SeqId>, Vec<Vec<f32>>, Vec<Vec<f32>>);
+
 /// A cache on `backend` holding `lens[i]` random tokens for sequence i (one layer),
 /// appended in interleaved chunks so that block tables are scattered. Returns the
 /// cache, the sequences and each sequence's K and V (`[T, kv_heads, D]`).
-pub fn filled(
-    backend: Arc<dyn Backend>,
-    cfg: CacheConfig,
-    lens: &[usize],
-    seed: u64,
-) -> (KvCache, Vec<SeqId>, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+pub fn filled(backend: Arc<dyn Backend>, cfg: CacheConfig, lens: &[usize], seed: u64) -> Filled {
     let row = cfg.kv_heads * cfg.head_dim;
     let mut cache = KvCache::new(backend, cfg).unwrap();
     let seqs: Vec<SeqId> = lens.iter().map(|_| cache.add_sequence()).collect();
