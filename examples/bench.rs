@@ -3,7 +3,9 @@
 //!
 //!     cargo run --release --example bench -- --backend wgpu --context 1024,4096,16384 \
 //!         --batch 1 --q-heads 32 --kv-heads 8 --head-dim 128 --dtypes f16,int8,int4 \
-//!         [--json] [--plot FILE.svg] [--iters N]
+//!         [--json] [--plot FILE.svg] [--iters N] [--append]
+//!
+//! `--append` times quantize-append of `context` tokens instead.
 //!
 //! A dtype is `K` or `K/V` (e.g. `int8/int4`). Times are medians of wall-clock time
 //! from submit to completion after warm-up.
@@ -25,6 +27,7 @@ struct Opts {
     json: bool,
     plot: Option<String>,
     iters: usize,
+    append: bool,
 }
 
 fn parse() -> Result<Opts> {
@@ -43,6 +46,7 @@ fn parse() -> Result<Opts> {
         json: false,
         plot: None,
         iters: 20,
+        append: false,
     };
     let bad = |flag: &str, v: &str| Error::InvalidConfig(format!("bad value {v:?} for {flag}"));
     let mut args = std::env::args().skip(1);
@@ -75,6 +79,7 @@ fn parse() -> Result<Opts> {
                     .collect::<Result<_>>()?
             }
             "--json" => o.json = true,
+            "--append" => o.append = true,
             "--plot" => o.plot = Some(value()?),
             "--help" | "-h" => {
                 println!(
@@ -210,6 +215,47 @@ fn bench_decode(
     })
 }
 
+/// Median time of one quantize-append of `context` tokens (first context) per dtype,
+/// sources already on the device.
+fn bench_append(b: &Arc<dyn Backend>, o: &Opts) -> Result<()> {
+    let tokens = o.contexts[0];
+    println!(
+        "quantize-append of {tokens} tokens x {} kv heads x {} dims (K and V)",
+        o.kv_heads, o.head_dim
+    );
+    for &(k, v) in &o.dtypes {
+        let cfg = CacheConfig::new(1, o.kv_heads, o.head_dim, tokens).with_dtypes(k, v);
+        let cache = KvCache::new(b.clone(), cfg)?;
+        let n = tokens * o.kv_heads * o.head_dim;
+        let src: Vec<u32> = (0..n)
+            .map(|i| ((i % 1000) as f32 / 500.0 - 1.0).to_bits())
+            .collect();
+        let buf = b.alloc(n)?;
+        b.upload(&buf, 0, &src)?;
+        let slots_host: Vec<u32> = (0..tokens as u32).collect();
+        let slots = b.alloc(tokens)?;
+        b.upload(&slots, 0, &slots_host)?;
+        let (kp, vp) = cache.pools(0)?;
+        let args = kvq::backend::AppendArgs {
+            k: kp,
+            v: vp,
+            k_src: &buf,
+            v_src: &buf,
+            slots: &slots,
+            tokens,
+        };
+        let us = time(o.iters, || {
+            b.quantize_append(&args)?;
+            b.synchronize()
+        })?;
+        println!(
+            "K {k:<9} V {v:<9} {us:>10.0} us  ({:.2} GB/s of f32 input)",
+            2.0 * n as f64 * 4.0 / us / 1e3
+        );
+    }
+    Ok(())
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("error: {e}");
@@ -225,6 +271,10 @@ fn run() -> Result<()> {
     };
     let chosen = kvq::select(&pref)?;
     let b = chosen.backend;
+    if o.append {
+        println!("backend: {}", chosen.reason);
+        return bench_append(&b, &o);
+    }
     if !o.json {
         println!("backend: {}", chosen.reason);
         println!(
