@@ -191,14 +191,12 @@ impl AttnArgs<'_> {
         let mut next_q = 0u32;
         for s in self.seqs {
             let blocks = (s.kv_len as usize).div_ceil(kl.block_size);
-            let end = s.table_offset as usize + blocks;
             if s.q_len == 0 || s.q_len > s.kv_len || s.q_offset != next_q {
                 return Err(Error::InvalidConfig(format!("bad sequence record {s:?}")));
             }
             next_q += s.q_len;
             self.block_tables
                 .check_range("block table", s.table_offset as usize, blocks)?;
-            let _ = end;
         }
         Ok(())
     }
