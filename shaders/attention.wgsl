@@ -4,6 +4,7 @@
 // K/V byte it reads serves every row. K and V are dequantized in registers; the
 // workgroup writes an unnormalised partial (max, sum, acc[HEAD_DIM]) per row that
 // attn_reduce.wgsl combines. Decode is QB = 1; prefill uses QB > 1 with causal masks.
+// With a rotated K pool, q is rotated here; attn_reduce.wgsl rotates the output back.
 // CPU twin: src/cpu/attention.rs.
 
 struct AttnParams {
@@ -46,6 +47,8 @@ override V_GROUP: u32 = 32u;
 override QH: u32 = 4u; // q heads per workgroup (power of two, divides ratio)
 override QB: u32 = 1u; // query positions per workgroup
 override BLOCK_SIZE: u32 = 16u;
+override ROTATE_Q: u32 = 0u; // 1: the K pool is Walsh–Hadamard rotated
+override NORM_BITS: u32 = 0x3f800000u; // f32 bits of 1/sqrt(HEAD_DIM)
 
 const WG: u32 = 64u;
 const TILE: u32 = 64u;       // keys per tile: one per invocation
@@ -221,11 +224,32 @@ fn main(
         let r = i / HEAD_DIM;
         let b = r / QH;
         let qrow = info.q_offset + first_q + min(b, nq - 1u);
-        q_sh[i] = q[(qrow * P.q_heads + h0 + r % QH) * HEAD_DIM + i % HEAD_DIM] * P.scale;
+        q_sh[i] = q[(qrow * P.q_heads + h0 + r % QH) * HEAD_DIM + i % HEAD_DIM];
     }
     if (lid < n_rows) {
         m_sh[lid] = -3.0e38;
         pos_sh[lid] = pos0 + min(lid / QH, nq - 1u);
+    }
+    workgroupBarrier();
+    if (ROTATE_Q == 1u) {
+        // The K pool holds rotated keys: rotate q the same way (src/quant/rotation.rs).
+        for (var h = 1u; h < HEAD_DIM; h *= 2u) {
+            for (var i = lid; i < n_rows * HEAD_DIM / 2u; i += WG) {
+                let j = (i / h) * 2u * h + i % h;
+                let a = q_sh[j];
+                let b = q_sh[j + h];
+                q_sh[j] = a + b;
+                q_sh[j + h] = a - b;
+            }
+            workgroupBarrier();
+        }
+    }
+    for (var i = lid; i < n_rows * HEAD_DIM; i += WG) {
+        var x = q_sh[i];
+        if (ROTATE_Q == 1u) {
+            x *= bitcast<f32>(NORM_BITS);
+        }
+        q_sh[i] = x * P.scale;
     }
     workgroupBarrier();
     if (K_DTYPE == 2u) {

@@ -1,5 +1,6 @@
-// Combines the per-split partials of attn_decode.wgsl: one workgroup per
-// (query, q head) rescales each split's sum and accumulator to the global max.
+// Combines the per-split partials of attention.wgsl: one workgroup per
+// (query, q head) rescales each split's sum and accumulator to the global max,
+// and rotates the output back when the V pool is Walsh–Hadamard rotated.
 
 struct ReduceParams {
     rows: u32,   // queries * q_heads
@@ -13,6 +14,10 @@ struct ReduceParams {
 @group(0) @binding(2) var<storage, read_write> out: array<f32>; // [rows, HEAD_DIM]
 
 override HEAD_DIM: u32 = 128u;
+override ROTATE_OUT: u32 = 0u;
+override NORM_BITS: u32 = 0x3f800000u; // f32 bits of 1/sqrt(HEAD_DIM)
+
+var<workgroup> o_sh: array<f32, 256>;
 
 const WG: u32 = 64u;
 
@@ -41,6 +46,25 @@ fn main(
         for (var s = 0u; s < P.splits; s++) {
             acc += partial[base + s * stride + 2u + d] * exp(partial[base + s * stride] - m);
         }
-        out[row * HEAD_DIM + d] = acc / l;
+        o_sh[d] = acc / l;
+    }
+    if (ROTATE_OUT == 1u) {
+        workgroupBarrier();
+        for (var h = 1u; h < HEAD_DIM; h *= 2u) {
+            for (var i = lid; i < HEAD_DIM / 2u; i += WG) {
+                let j = (i / h) * 2u * h + i % h;
+                let a = o_sh[j];
+                let b = o_sh[j + h];
+                o_sh[j] = a + b;
+                o_sh[j + h] = a - b;
+            }
+            workgroupBarrier();
+        }
+        for (var d = lid; d < HEAD_DIM; d += WG) {
+            o_sh[d] *= bitcast<f32>(NORM_BITS);
+        }
+    }
+    for (var d = lid; d < HEAD_DIM; d += WG) {
+        out[row * HEAD_DIM + d] = o_sh[d];
     }
 }

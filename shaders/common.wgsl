@@ -46,3 +46,22 @@ fn pool_row(slot: u32, head: u32, kv_heads: u32, block_size: u32) -> u32 {
 fn flat_index(gid: vec3<u32>, nwg: vec3<u32>, wg_size: u32) -> u32 {
     return gid.y * nwg.x * wg_size + gid.x;
 }
+
+// In-place Walsh–Hadamard rotation of the first n (a power of two) entries of x,
+// times norm = 1/sqrt(n): butterflies of stride 1, 2, 4, … as in
+// src/quant/rotation.rs, so every backend rotates bit-identically.
+fn hadamard(x: ptr<private, array<f32, 256>>, n: u32, norm: f32) {
+    for (var h = 1u; h < n; h *= 2u) {
+        for (var i = 0u; i < n; i += 2u * h) {
+            for (var j = i; j < i + h; j++) {
+                let a = (*x)[j];
+                let b = (*x)[j + h];
+                (*x)[j] = a + b;
+                (*x)[j + h] = a - b;
+            }
+        }
+    }
+    for (var i = 0u; i < n; i++) {
+        (*x)[i] *= norm;
+    }
+}

@@ -1,6 +1,7 @@
 // Dequantize: one invocation per (token, kv head) writes the f32 vector that
 // attention sees for that pool slot. For tests and debugging; attention kernels
-// never write dequantized values. CPU twin: src/cpu/dequantize.rs.
+// never write dequantized values. Rotated pools are rotated back, so the output
+// is always in the model's basis. CPU twin: src/cpu/dequantize.rs.
 
 struct DequantParams {
     tokens: u32,
@@ -18,6 +19,10 @@ struct DequantParams {
 override DTYPE: u32 = 1u;
 override HEAD_DIM: u32 = 128u;
 override GROUP: u32 = 32u;
+override ROTATE: u32 = 0u;
+override NORM_BITS: u32 = 0x3f800000u; // f32 bits of 1/sqrt(HEAD_DIM)
+
+var<private> x: array<f32, 256>;
 
 const WG: u32 = 64u;
 
@@ -33,17 +38,21 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
     let row = pool_row(slot, r % P.kv_heads, P.kv_heads, P.block_size);
     for (var i = 0u; i < HEAD_DIM; i++) {
-        var x: f32;
         if (DTYPE == 0u) {
-            x = f16_value(data[row * (HEAD_DIM / 2u) + i / 2u] >> (16u * (i % 2u)));
+            x[i] = f16_value(data[row * (HEAD_DIM / 2u) + i / 2u] >> (16u * (i % 2u)));
         } else if (DTYPE == 1u) {
             let byte = (data[row * (HEAD_DIM / 4u) + i / 4u] >> (8u * (i % 4u))) & 0xffu;
-            x = f32((i32(byte) << 24u) >> 24u) * bitcast<f32>(side[row]);
+            x[i] = f32((i32(byte) << 24u) >> 24u) * bitcast<f32>(side[row]);
         } else {
             let s = side[row * (HEAD_DIM / GROUP) + i / GROUP];
             let q = (data[row * (HEAD_DIM / 8u) + i / 8u] >> (4u * (i % 8u))) & 0xfu;
-            x = f16_value(s >> 16u) + f32(q) * f16_value(s & 0xffffu);
+            x[i] = f16_value(s >> 16u) + f32(q) * f16_value(s & 0xffffu);
         }
-        dst[r * HEAD_DIM + i] = x;
+    }
+    if (ROTATE == 1u) {
+        hadamard(&x, HEAD_DIM, bitcast<f32>(NORM_BITS));
+    }
+    for (var i = 0u; i < HEAD_DIM; i++) {
+        dst[r * HEAD_DIM + i] = x[i];
     }
 }

@@ -1,6 +1,6 @@
 // Quantize-and-append: one invocation per (new token, kv head) quantizes that
 // head vector (DESIGN §1) and writes codes and side data into its pool slot
-// (DESIGN §2). CPU twin: src/cpu/append.rs.
+// (DESIGN §2); rotated pools rotate the vector first. CPU twin: src/cpu/append.rs.
 
 struct AppendParams {
     tokens: u32,
@@ -18,6 +18,18 @@ struct AppendParams {
 override DTYPE: u32 = 1u; // 0 F16, 1 Int8, 2 Int4
 override HEAD_DIM: u32 = 128u;
 override GROUP: u32 = 32u; // Int4 only
+override ROTATE: u32 = 0u; // 1: Walsh–Hadamard rotate before quantizing
+override NORM_BITS: u32 = 0x3f800000u; // f32 bits of 1/sqrt(HEAD_DIM)
+
+var<private> rotated: array<f32, 256>;
+
+// Element i of the vector being quantized (which starts at src[x0]).
+fn x_at(x0: u32, i: u32) -> f32 {
+    if (ROTATE == 1u) {
+        return rotated[i];
+    }
+    return src[x0 + i];
+}
 
 const WG: u32 = 64u;
 
@@ -33,6 +45,12 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     }
     let row = pool_row(slot, r % P.kv_heads, P.kv_heads, P.block_size);
     let x0 = r * HEAD_DIM;
+    if (ROTATE == 1u) {
+        for (var i = 0u; i < HEAD_DIM; i++) {
+            rotated[i] = src[x0 + i];
+        }
+        hadamard(&rotated, HEAD_DIM, bitcast<f32>(NORM_BITS));
+    }
     if (DTYPE == 0u) {
         append_f16(row, x0);
     } else if (DTYPE == 1u) {
@@ -45,14 +63,14 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 fn append_f16(row: u32, x0: u32) {
     let words = HEAD_DIM / 2u;
     for (var w = 0u; w < words; w++) {
-        data[row * words + w] = f16_bits(src[x0 + 2u * w]) | (f16_bits(src[x0 + 2u * w + 1u]) << 16u);
+        data[row * words + w] = f16_bits(x_at(x0, 2u * w)) | (f16_bits(x_at(x0, 2u * w + 1u)) << 16u);
     }
 }
 
 fn append_int8(row: u32, x0: u32) {
     var absmax = 0.0;
     for (var i = 0u; i < HEAD_DIM; i++) {
-        absmax = max(absmax, abs(src[x0 + i]));
+        absmax = max(absmax, abs(x_at(x0, i)));
     }
     let scale = absmax / 127.0;
     side[row] = bitcast<u32>(scale);
@@ -61,7 +79,7 @@ fn append_int8(row: u32, x0: u32) {
         var word = 0u;
         if (scale != 0.0) {
             for (var j = 0u; j < 4u; j++) {
-                let q = clamp(round(src[x0 + 4u * w + j] / scale), -127.0, 127.0);
+                let q = clamp(round(x_at(x0, 4u * w + j) / scale), -127.0, 127.0);
                 word |= (u32(i32(q)) & 0xffu) << (8u * j);
             }
         }
@@ -73,12 +91,11 @@ fn append_int4(row: u32, x0: u32) {
     let groups = HEAD_DIM / GROUP;
     let words = HEAD_DIM / 8u;
     for (var g = 0u; g < groups; g++) {
-        let base = x0 + g * GROUP;
-        var lo = src[base];
+        var lo = x_at(x0, g * GROUP);
         var hi = lo;
         for (var i = 1u; i < GROUP; i++) {
-            lo = min(lo, src[base + i]);
-            hi = max(hi, src[base + i]);
+            lo = min(lo, x_at(x0, g * GROUP + i));
+            hi = max(hi, x_at(x0, g * GROUP + i));
         }
         let s16 = f16_bits((hi - lo) / 15.0);
         let l16 = f16_bits(lo);
@@ -89,7 +106,7 @@ fn append_int4(row: u32, x0: u32) {
             var word = 0u;
             if (scale != 0.0) {
                 for (var j = 0u; j < 8u; j++) {
-                    let q = clamp(round((src[base + 8u * w + j] - lo_r) / scale), 0.0, 15.0);
+                    let q = clamp(round((x_at(x0, g * GROUP + 8u * w + j) - lo_r) / scale), 0.0, 15.0);
                     word |= u32(q) << (4u * j);
                 }
             }

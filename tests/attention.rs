@@ -8,7 +8,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{Rng, backends, filled, round_trip};
+use common::{Rng, backends, filled, round_trip, stored};
 use kvq::reference::{attention_f64, error_stats};
 use kvq::{AttnParams, Backend, CacheConfig, Error, KvCache, KvDtype};
 
@@ -50,9 +50,23 @@ fn check_decode(
     ratio: usize,
     params: AttnParams,
 ) {
+    check_decode_rotated(b, k, v, d, ratio, params, false)
+}
+
+fn check_decode_rotated(
+    b: &Arc<dyn Backend>,
+    k: KvDtype,
+    v: KvDtype,
+    d: usize,
+    ratio: usize,
+    params: AttnParams,
+    rotate: bool,
+) {
     let kv_heads = 2;
     let lens = [1, 15, 16, 17, 100, 333];
-    let cfg = CacheConfig::new(1, kv_heads, d, 1024).with_dtypes(k, v);
+    let cfg = CacheConfig::new(1, kv_heads, d, 1024)
+        .with_dtypes(k, v)
+        .with_rotation(rotate);
     let (cache, seqs, ks, vs) = filled(b.clone(), cfg, &lens, 7);
     let hq = kv_heads * ratio;
     let params = AttnParams {
@@ -67,8 +81,8 @@ fn check_decode(
         let got = &out[i * hq * d..(i + 1) * hq * d];
         let deq = attention_f64(
             qi,
-            &round_trip(k, &ks[i], d),
-            &round_trip(v, &vs[i], d),
+            &stored(k, rotate, &ks[i], d),
+            &stored(v, rotate, &vs[i], d),
             kv_heads,
             d,
             &p,
@@ -76,7 +90,7 @@ fn check_decode(
         let e = error_stats(got, &deq, d);
         assert!(
             e.nmse <= KERNEL_NMSE && e.max_abs <= KERNEL_MAX_ABS,
-            "{} K {k} V {v} D {d} ratio {ratio} len {}: kernel error {e:?}",
+            "{} K {k} V {v} D {d} ratio {ratio} rotate {rotate} len {}: kernel error {e:?}",
             name(b),
             lens[i]
         );
@@ -131,6 +145,34 @@ fn decode_softcap_window_and_scale() {
             let p = AttnParams::new(0).with_window(window);
             check_decode(&b, KvDtype::Int8, KvDtype::Int8, 64, 2, p);
         }
+    }
+}
+
+#[test]
+fn decode_with_rotation() {
+    for b in backends() {
+        for (k, v) in PAIRS {
+            check_decode_rotated(&b, k, v, 128, 4, AttnParams::new(0), true);
+        }
+        let p = AttnParams::new(0).with_softcap(5.0).with_window(50);
+        check_decode_rotated(
+            &b,
+            KvDtype::Int8,
+            KvDtype::Int4 { group: 64 },
+            64,
+            2,
+            p,
+            true,
+        );
+        check_decode_rotated(
+            &b,
+            KvDtype::Int4 { group: 256 },
+            KvDtype::Int8,
+            256,
+            1,
+            p,
+            true,
+        );
     }
 }
 
@@ -204,10 +246,12 @@ fn prefill_matches_reference() {
             (KvDtype::F16, KvDtype::F16),
             (KvDtype::Int8, KvDtype::Int4 { group: 32 }),
         ] {
-            for ratio in [1, 4] {
+            for (ratio, rotate) in [(1, false), (4, false), (4, true)] {
                 let (kv_heads, d) = (2, 64);
                 let hq = kv_heads * ratio;
-                let cfg = CacheConfig::new(1, kv_heads, d, 512).with_dtypes(k, v);
+                let cfg = CacheConfig::new(1, kv_heads, d, 512)
+                    .with_dtypes(k, v)
+                    .with_rotation(rotate);
                 let mut cache = KvCache::new(b.clone(), cfg).unwrap();
                 let mut rng = Rng::new(21);
                 let (sa, sb) = (cache.add_sequence(), cache.add_sequence());
@@ -244,13 +288,13 @@ fn prefill_matches_reference() {
                     let mut off = 0;
                     for (i, &(a, z)) in spans.iter().enumerate() {
                         let n = (z - a) * hq * d;
-                        let kd = round_trip(k, &kk[i][..z * kv_heads * d], d);
-                        let vd = round_trip(v, &vv[i][..z * kv_heads * d], d);
+                        let kd = stored(k, rotate, &kk[i][..z * kv_heads * d], d);
+                        let vd = stored(v, rotate, &vv[i][..z * kv_heads * d], d);
                         let want = attention_f64(&q[off..off + n], &kd, &vd, kv_heads, d, &rp);
                         let e = error_stats(&out[off..off + n], &want, d);
                         assert!(
                             e.nmse <= KERNEL_NMSE && e.max_abs <= KERNEL_MAX_ABS,
-                            "{} K {k} V {v} ratio {ratio} seq {i} chunk {a}..{z}: {e:?}",
+                            "{} K {k} V {v} ratio {ratio} rotate {rotate} seq {i} chunk {a}..{z}: {e:?}",
                             name(&b)
                         );
                         off += n;

@@ -2,9 +2,10 @@
 
 mod common;
 
+use common::Rng;
 use half::f16;
 use kvq::quant::{self, F16_MAX};
-use kvq::{Error, KvDtype};
+use kvq::{CacheConfig, Error, KvDtype};
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
 
@@ -863,4 +864,44 @@ fn deterministic_random_vectors_round_trip() {
             }
         }
     }
+}
+
+#[test]
+fn hadamard_is_orthogonal_and_its_own_inverse() {
+    let mut rng = Rng::new(9);
+    for n in [8usize, 64, 128, 256] {
+        let x = rng.normals(n);
+        let mut y = x.clone();
+        quant::hadamard(&mut y);
+        let norm = |v: &[f32]| v.iter().map(|a| (*a as f64).powi(2)).sum::<f64>();
+        assert!(
+            (norm(&y) / norm(&x) - 1.0).abs() < 1e-5,
+            "n {n}: norm changed"
+        );
+        quant::hadamard(&mut y);
+        for (a, b) in x.iter().zip(&y) {
+            assert!((a - b).abs() < 1e-5, "n {n}: H H x != x ({a} vs {b})");
+        }
+        // One outlier channel becomes a flat vector: what makes quantization easier.
+        let mut e = vec![0.0f32; n];
+        e[3] = 1.0;
+        quant::hadamard(&mut e);
+        let want = quant::hadamard_norm(n);
+        assert!(
+            e.iter().all(|v| (v.abs() - want).abs() < 1e-7),
+            "n {n}: {e:?}"
+        );
+    }
+}
+
+#[test]
+fn rotation_needs_a_power_of_two_head_dim() {
+    let cfg = CacheConfig::new(1, 2, 96, 64).with_rotation(true);
+    assert!(matches!(cfg.validate(), Err(Error::InvalidConfig(_))));
+    assert!(
+        CacheConfig::new(1, 2, 128, 64)
+            .with_rotation(true)
+            .validate()
+            .is_ok()
+    );
 }

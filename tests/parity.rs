@@ -42,11 +42,18 @@ fn codes(dtype: KvDtype, words: &[u32]) -> Vec<i32> {
 }
 
 /// Same appends on both backends; returns (codes compared, codes off by one).
-fn compare(gpu: &Arc<dyn Backend>, dtype: KvDtype, d: usize, seed: u64) -> (usize, usize) {
+fn compare(
+    gpu: &Arc<dyn Backend>,
+    dtype: KvDtype,
+    d: usize,
+    rotate: bool,
+    seed: u64,
+) -> (usize, usize) {
     let kv_heads = 3;
     let cfg = CacheConfig::new(1, kv_heads, d, 600)
         .with_dtypes(dtype, dtype)
-        .with_block_size(16);
+        .with_block_size(16)
+        .with_rotation(rotate);
     let cpu: Arc<dyn Backend> = Arc::new(CpuBackend::new());
     let (mut a, mut b) = (
         KvCache::new(cpu, cfg).unwrap(),
@@ -113,12 +120,15 @@ fn gpu_append_matches_cpu_codes() {
     let mut report = Vec::new();
     for d in [64usize, 80, 96, 128, 256] {
         for dtype in dtypes(d) {
-            let (total, off) = compare(&gpu, dtype, d, d as u64);
-            report.push(format!("{dtype} D {d}: {off} of {total} codes off by one"));
-            assert!(
-                off as f64 <= MAX_OFF_BY_ONE_RATE * total as f64,
-                "{dtype} D {d}: {off} of {total} codes off by one"
-            );
+            for rotate in [false, d.is_power_of_two()] {
+                let (total, off) = compare(&gpu, dtype, d, rotate, d as u64);
+                let what = format!("{dtype} D {d} rotate {rotate}");
+                report.push(format!("{what}: {off} of {total} codes off by one"));
+                assert!(
+                    off as f64 <= MAX_OFF_BY_ONE_RATE * total as f64,
+                    "{what}: {off} of {total} codes off by one"
+                );
+            }
         }
     }
     eprintln!("{}", report.join("\n"));
@@ -128,9 +138,16 @@ fn gpu_append_matches_cpu_codes() {
 #[test]
 fn gpu_dequantize_matches_cpu() {
     let Some(gpu) = gpu() else { return };
-    for dtype in [KvDtype::F16, KvDtype::Int8, KvDtype::Int4 { group: 16 }] {
-        let d = 80;
-        let cfg = CacheConfig::new(1, 2, d, 256).with_dtypes(dtype, dtype);
+    for (dtype, d, rotate) in [
+        (KvDtype::F16, 80, false),
+        (KvDtype::Int8, 80, false),
+        (KvDtype::Int4 { group: 16 }, 80, false),
+        (KvDtype::Int8, 64, true),
+        (KvDtype::Int4 { group: 32 }, 128, true),
+    ] {
+        let cfg = CacheConfig::new(1, 2, d, 256)
+            .with_dtypes(dtype, dtype)
+            .with_rotation(rotate);
         let (cache, seqs, ks, _) = common::filled(gpu.clone(), cfg, &[40, 70], 4);
         let (kpool, _) = cache.pools(0).unwrap();
         let bs = cfg.block_size as u32;
@@ -146,11 +163,11 @@ fn gpu_dequantize_matches_cpu() {
             gpu.dequantize(kpool, &sb, n, &out).unwrap();
             let got: Vec<f32> =
                 bytemuck::cast_slice(&gpu.download(&out, 0, n * 2 * d).unwrap()).to_vec();
-            let want = common::round_trip(dtype, &ks[i], d);
+            let want = common::stored(dtype, rotate, &ks[i], d);
             for (j, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (g - w).abs() <= 1e-6 * w.abs().max(1.0),
-                    "{dtype} seq {i} elem {j}: {g} vs {w}"
+                    "{dtype} rotate {rotate} seq {i} elem {j}: {g} vs {w}"
                 );
             }
         }

@@ -3,10 +3,10 @@
 
 mod common;
 
-use kvq::KvDtype;
 use kvq::wgpu::attention::heads_per_group;
 use kvq::wgpu::pipelines::PipelineKey;
 use kvq::wgpu::shaders::{Kernel, validate};
+use kvq::{CacheConfig, KvDtype};
 
 /// Storage buffers + the uniform each kernel binds in `src/wgpu/`.
 fn bindings(kernel: Kernel) -> usize {
@@ -31,44 +31,31 @@ fn dtypes(head_dim: usize) -> Vec<KvDtype> {
 fn keys() -> Vec<PipelineKey> {
     let mut keys = Vec::new();
     for d in [64usize, 80, 96, 128, 256] {
-        keys.push(PipelineKey::reduce(d));
-        for k in dtypes(d) {
-            for kernel in [Kernel::QuantizeAppend, Kernel::Dequantize] {
-                keys.push(PipelineKey {
-                    kernel,
-                    constants: vec![
-                        ("DTYPE", dtype_tag(k)),
-                        ("HEAD_DIM", d as u32),
-                        ("GROUP", group(k)),
-                    ],
-                });
-            }
-            for v in [KvDtype::F16, KvDtype::Int8, KvDtype::int4_default(d)] {
-                for ratio in [1u32, 2, 4, 8] {
-                    let qh = heads_per_group(ratio);
-                    for qb in [1, 8 / qh] {
-                        keys.push(PipelineKey::attention(k, v, d, 16, qh, qb));
+        let rotations: &[bool] = if d.is_power_of_two() {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for &rotate in rotations {
+            let cfg = CacheConfig::new(1, 2, d, 64).with_rotation(rotate);
+            keys.push(PipelineKey::reduce(&cfg.layout(KvDtype::F16)));
+            for k in dtypes(d) {
+                let kl = cfg.layout(k);
+                for kernel in [Kernel::QuantizeAppend, Kernel::Dequantize] {
+                    keys.push(PipelineKey::rows(kernel, &kl));
+                }
+                for v in [KvDtype::F16, KvDtype::Int8, KvDtype::int4_default(d)] {
+                    for ratio in [1u32, 2, 4, 8] {
+                        let qh = heads_per_group(ratio);
+                        for qb in [1, 8 / qh] {
+                            keys.push(PipelineKey::attention(&kl, &cfg.layout(v), qh, qb));
+                        }
                     }
                 }
             }
         }
     }
     keys
-}
-
-fn dtype_tag(d: KvDtype) -> u32 {
-    match d {
-        KvDtype::F16 => 0,
-        KvDtype::Int8 => 1,
-        KvDtype::Int4 { .. } => 2,
-    }
-}
-
-fn group(d: KvDtype) -> u32 {
-    match d {
-        KvDtype::Int4 { group } => group,
-        _ => 8,
-    }
 }
 
 #[test]

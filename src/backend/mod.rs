@@ -184,6 +184,8 @@ impl AttnArgs<'_> {
         {
             return Err(Error::InvalidConfig("K and V pools differ in shape".into()));
         }
+        kl.check()?;
+        self.v.layout.check()?;
         let row = self.params.q_heads as usize * kl.head_dim;
         let rows = self.queries() * row;
         self.q.check_range("q", 0, rows)?;

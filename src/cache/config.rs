@@ -19,6 +19,9 @@ pub struct CacheConfig {
     pub k_dtype: KvDtype,
     /// Value storage format.
     pub v_dtype: KvDtype,
+    /// Store K and V Walsh–Hadamard rotated (head_dim a power of two); attention
+    /// rotates q to match and rotates its output back, so results keep their meaning.
+    pub rotate: bool,
 }
 
 impl CacheConfig {
@@ -32,6 +35,7 @@ impl CacheConfig {
             num_blocks: capacity_tokens.div_ceil(16),
             k_dtype: KvDtype::Int8,
             v_dtype: KvDtype::Int8,
+            rotate: false,
         }
     }
 
@@ -39,6 +43,12 @@ impl CacheConfig {
     pub fn with_dtypes(mut self, k: KvDtype, v: KvDtype) -> Self {
         self.k_dtype = k;
         self.v_dtype = v;
+        self
+    }
+
+    /// Turns the Walsh–Hadamard rotation of K and V on or off (see [`CacheConfig::rotate`]).
+    pub fn with_rotation(mut self, rotate: bool) -> Self {
+        self.rotate = rotate;
         self
     }
 
@@ -66,6 +76,12 @@ impl CacheConfig {
         }
         self.k_dtype.check(self.head_dim)?;
         self.v_dtype.check(self.head_dim)?;
+        if self.rotate && !self.head_dim.is_power_of_two() {
+            return Err(Error::InvalidConfig(format!(
+                "rotation needs a power-of-two head_dim, got {}",
+                self.head_dim
+            )));
+        }
         // Word indices must fit u32 on every device.
         for dtype in [self.k_dtype, self.v_dtype] {
             let per_row =
@@ -91,6 +107,7 @@ impl CacheConfig {
             head_dim: self.head_dim,
             block_size: self.block_size,
             num_blocks: self.num_blocks,
+            rotated: self.rotate,
         }
     }
 
@@ -121,9 +138,23 @@ pub struct PoolLayout {
     pub block_size: usize,
     /// Blocks in the pool.
     pub num_blocks: usize,
+    /// Vectors are stored Walsh–Hadamard rotated ([`crate::quant::hadamard`]).
+    pub rotated: bool,
 }
 
 impl PoolLayout {
+    /// Checks what kernels assume beyond the dtype: a rotated pool's head_dim is a
+    /// power of two.
+    pub fn check(&self) -> Result<()> {
+        if self.rotated && !self.head_dim.is_power_of_two() {
+            return Err(Error::InvalidConfig(format!(
+                "rotation needs a power-of-two head_dim, got {}",
+                self.head_dim
+            )));
+        }
+        Ok(())
+    }
+
     /// Code words per (token, head).
     pub fn words_per_head(&self) -> usize {
         self.dtype.words_per_head(self.head_dim)

@@ -2,7 +2,7 @@
 
 use super::{floats, read, write};
 use crate::backend::{AppendArgs, Pool};
-use crate::quant::{check_finite, quantize};
+use crate::quant::{check_finite, hadamard, quantize};
 use crate::{Error, Result};
 
 /// Quantizes token `t`, head `h` of the sources into slot `slots[t]` of each pool.
@@ -21,6 +21,7 @@ pub fn quantize_append(args: &AppendArgs<'_>) -> Result<()> {
         }
         let x = &x[..args.tokens * row_len];
         check_finite("append source", x)?;
+        l.check()?;
         check_slots(pool, &slots)?;
         append_pool(pool, x, &slots)?;
     }
@@ -44,10 +45,16 @@ fn append_pool(pool: &Pool, x: &[f32], slots: &[u32]) -> Result<()> {
     let (w, s) = (l.words_per_head(), l.side_per_head());
     let mut data = write(&pool.data)?;
     let mut side = write(&pool.side)?;
+    let mut rotated = vec![0f32; l.head_dim];
     for (t, &slot) in slots.iter().enumerate() {
         for h in 0..l.kv_heads {
             let row = l.row(slot as usize, h);
-            let src = &x[(t * l.kv_heads + h) * l.head_dim..][..l.head_dim];
+            let mut src = &x[(t * l.kv_heads + h) * l.head_dim..][..l.head_dim];
+            if l.rotated {
+                rotated.copy_from_slice(src);
+                hadamard(&mut rotated);
+                src = &rotated;
+            }
             quantize(
                 l.dtype,
                 src,

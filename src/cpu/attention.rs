@@ -2,6 +2,7 @@
 
 use super::{PoolView, floats, read, write};
 use crate::backend::AttnArgs;
+use crate::quant::hadamard;
 use crate::{Error, Result};
 
 /// Attention for every query of every sequence in `args`.
@@ -11,8 +12,12 @@ pub fn attention(args: &AttnArgs<'_>) -> Result<()> {
     let p = &args.params;
     let q_heads = p.q_heads as usize;
     let row = q_heads * d;
-    let q = floats(args.q)?;
+    let mut q = floats(args.q)?;
     args.check()?;
+    // A rotated K pool holds H k: rotate q so that (H q) . (H k) = q . k.
+    if kl.rotated {
+        q.chunks_exact_mut(d).for_each(hadamard);
+    }
     let seqs = args.seqs;
     let tables = read(args.block_tables)?.clone();
     check_blocks(args, &tables)?;
@@ -58,6 +63,10 @@ pub fn attention(args: &AttnArgs<'_>) -> Result<()> {
         }
     }
     drop((kv, vv));
+    // A rotated V pool makes the output H o: rotate it back (H H = I).
+    if args.v.layout.rotated {
+        out.chunks_exact_mut(d).for_each(hadamard);
+    }
     write(args.out)?[..out.len()].copy_from_slice(bytemuck::cast_slice(&out));
     Ok(())
 }

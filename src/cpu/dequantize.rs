@@ -1,7 +1,8 @@
-//! CPU twin of `shaders/dequantize.wgsl`.
+//! CPU twin of `shaders/dequantize.wgsl`: rotated pools are rotated back.
 
 use super::{PoolView, read, write};
 use crate::backend::{DeviceBuffer, Pool};
+use crate::quant::hadamard;
 use crate::{Error, Result};
 
 /// Writes the dequantized vectors of `slots` into `out` as `[tokens, kv_heads, head_dim]`.
@@ -13,6 +14,7 @@ pub fn dequantize(
 ) -> Result<()> {
     let l = &pool.layout;
     let row_len = l.kv_heads * l.head_dim;
+    l.check()?;
     slots.check_range("dequantize slots", 0, tokens)?;
     out.check_range("dequantize out", 0, tokens * row_len)?;
     let slots = read(slots)?[..tokens].to_vec();
@@ -30,6 +32,9 @@ pub fn dequantize(
         for h in 0..l.kv_heads {
             let dst = &mut values[(t * l.kv_heads + h) * l.head_dim..][..l.head_dim];
             view.load(slot as usize, h, dst);
+            if l.rotated {
+                hadamard(dst);
+            }
         }
     }
     drop(view);

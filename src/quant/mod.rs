@@ -6,10 +6,12 @@
 mod f16;
 mod int4;
 mod int8;
+mod rotation;
 
 pub use self::f16::{dequantize_f16, quantize_f16};
 pub use int4::{dequantize_int4, quantize_int4};
 pub use int8::{dequantize_int8, quantize_int8};
+pub use rotation::{hadamard, hadamard_norm};
 
 use crate::{Error, KvDtype, Result};
 
@@ -62,5 +64,18 @@ pub fn round_trip(dtype: KvDtype, x: &[f32]) -> Vec<f32> {
     quantize(dtype, x, &mut data, &mut side);
     let mut out = vec![0.0; d];
     dequantize(dtype, &data, &side, &mut out);
+    out
+}
+
+/// What attention sees of `x` in a pool of `dtype`, Walsh–Hadamard `rotated` or
+/// not: the round trip, back in the model's basis.
+pub fn stored(dtype: KvDtype, rotated: bool, x: &[f32]) -> Vec<f32> {
+    if !rotated {
+        return round_trip(dtype, x);
+    }
+    let mut r = x.to_vec();
+    hadamard(&mut r);
+    let mut out = round_trip(dtype, &r);
+    hadamard(&mut out);
     out
 }

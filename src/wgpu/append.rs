@@ -5,6 +5,7 @@ use super::pipelines::PipelineKey;
 use super::shaders::Kernel;
 use super::{ROW_WG, WgpuBackend};
 use crate::backend::{AppendArgs, DeviceBuffer, Pool};
+use crate::cache::PoolLayout;
 use crate::{Error, Result};
 
 pub fn quantize_append(b: &WgpuBackend, args: &AppendArgs<'_>) -> Result<()> {
@@ -15,6 +16,7 @@ pub fn quantize_append(b: &WgpuBackend, args: &AppendArgs<'_>) -> Result<()> {
     args.slots.check_range("append slots", 0, n)?;
     for (pool, src) in [(args.k, args.k_src), (args.v, args.v_src)] {
         let l = &pool.layout;
+        check_rotation(l)?;
         src.check_range("append source", 0, n * l.kv_heads * l.head_dim)?;
     }
     b.submit(|enc| {
@@ -23,7 +25,7 @@ pub fn quantize_append(b: &WgpuBackend, args: &AppendArgs<'_>) -> Result<()> {
             let rows = rows(n, l.kv_heads)?;
             b.dispatch_rows(
                 enc,
-                &PipelineKey::rows(Kernel::QuantizeAppend, pool),
+                &PipelineKey::rows(Kernel::QuantizeAppend, l),
                 &params(n, pool),
                 &[src, args.slots, &pool.data, &pool.side],
                 rows,
@@ -43,6 +45,7 @@ pub fn dequantize(
     out: &DeviceBuffer,
 ) -> Result<()> {
     let l = &pool.layout;
+    check_rotation(l)?;
     slots.check_range("dequantize slots", 0, tokens)?;
     out.check_range("dequantize out", 0, tokens * l.kv_heads * l.head_dim)?;
     if tokens == 0 {
@@ -51,13 +54,25 @@ pub fn dequantize(
     b.submit(|enc| {
         b.dispatch_rows(
             enc,
-            &PipelineKey::rows(Kernel::Dequantize, pool),
+            &PipelineKey::rows(Kernel::Dequantize, l),
             &params(tokens, pool),
             &[slots, &pool.data, &pool.side, out],
             rows(tokens, l.kv_heads)?,
             ROW_WG,
         )
     })?;
+    Ok(())
+}
+
+/// Rotated rows are rotated in a 256-entry private array.
+fn check_rotation(l: &PoolLayout) -> Result<()> {
+    l.check()?;
+    if l.rotated && l.head_dim > 256 {
+        return Err(Error::Unsupported(format!(
+            "rotated head_dim {} on wgpu: at most 256",
+            l.head_dim
+        )));
+    }
     Ok(())
 }
 

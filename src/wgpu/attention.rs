@@ -74,7 +74,7 @@ fn run(b: &WgpuBackend, args: &AttnArgs<'_>, qb: u32) -> Result<()> {
     let partial = b.alloc(rows * splits * (d + 2))?;
     let meta_buf = b.alloc(meta.len())?;
     b.upload(&meta_buf, 0, &meta)?;
-    let attn_key = PipelineKey::attention(kl.dtype, args.v.layout.dtype, d, kl.block_size, qh, qb);
+    let attn_key = PipelineKey::attention(kl, &args.v.layout, qh, qb);
     let uniform = [
         kl.kv_heads as u32,
         kl.block_size as u32,
@@ -98,7 +98,7 @@ fn run(b: &WgpuBackend, args: &AttnArgs<'_>, qb: u32) -> Result<()> {
             max: max as u64,
         });
     }
-    let reduce_key = PipelineKey::reduce(d);
+    let reduce_key = PipelineKey::reduce(&args.v.layout);
     b.submit(|enc| {
         b.dispatch(
             enc,

@@ -4,8 +4,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::shaders::{self, Kernel};
-use crate::backend::Pool;
-use crate::{Error, KvDtype, Result};
+use crate::cache::PoolLayout;
+use crate::quant::hadamard_norm;
+use crate::{Error, Result};
 
 /// One specialisation of a kernel: its override constants.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -18,47 +19,48 @@ pub struct PipelineKey {
 
 impl PipelineKey {
     /// Per-row kernels (quantize-append, dequantize) for one pool.
-    pub fn rows(kernel: Kernel, pool: &Pool) -> Self {
-        let l = &pool.layout;
+    pub fn rows(kernel: Kernel, l: &PoolLayout) -> Self {
         PipelineKey {
             kernel,
             constants: vec![
                 ("DTYPE", l.dtype.tag()),
                 ("HEAD_DIM", l.head_dim as u32),
                 ("GROUP", l.dtype.group().max(8)),
+                ("ROTATE", l.rotated as u32),
+                ("NORM_BITS", norm_bits(l.head_dim)),
             ],
         }
     }
 
-    /// The attention kernel for `qh` q heads and `qb` positions per workgroup.
-    pub fn attention(
-        k: KvDtype,
-        v: KvDtype,
-        head_dim: usize,
-        block_size: usize,
-        qh: u32,
-        qb: u32,
-    ) -> Self {
+    /// The attention kernel over pools `k` and `v` for `qh` q heads and `qb`
+    /// positions per workgroup.
+    pub fn attention(k: &PoolLayout, v: &PoolLayout, qh: u32, qb: u32) -> Self {
         PipelineKey {
             kernel: Kernel::Attention,
             constants: vec![
-                ("K_DTYPE", k.tag()),
-                ("V_DTYPE", v.tag()),
-                ("HEAD_DIM", head_dim as u32),
-                ("K_GROUP", k.group().max(8)),
-                ("V_GROUP", v.group().max(8)),
+                ("K_DTYPE", k.dtype.tag()),
+                ("V_DTYPE", v.dtype.tag()),
+                ("HEAD_DIM", k.head_dim as u32),
+                ("K_GROUP", k.dtype.group().max(8)),
+                ("V_GROUP", v.dtype.group().max(8)),
                 ("QH", qh),
                 ("QB", qb),
-                ("BLOCK_SIZE", block_size as u32),
+                ("BLOCK_SIZE", k.block_size as u32),
+                ("ROTATE_Q", k.rotated as u32),
+                ("NORM_BITS", norm_bits(k.head_dim)),
             ],
         }
     }
 
-    /// The combine pass of attention.
-    pub fn reduce(head_dim: usize) -> Self {
+    /// The combine pass of attention over the V pool `v`.
+    pub fn reduce(v: &PoolLayout) -> Self {
         PipelineKey {
             kernel: Kernel::AttnReduce,
-            constants: vec![("HEAD_DIM", head_dim as u32)],
+            constants: vec![
+                ("HEAD_DIM", v.head_dim as u32),
+                ("ROTATE_OUT", v.rotated as u32),
+                ("NORM_BITS", norm_bits(v.head_dim)),
+            ],
         }
     }
 
@@ -105,10 +107,14 @@ impl Pipelines {
             modules
                 .entry(key.kernel)
                 .or_insert_with(|| {
-                    device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    let desc = wgpu::ShaderModuleDescriptor {
                         label: Some(key.kernel.file()),
                         source: wgpu::ShaderSource::Wgsl(key.kernel.source().into()),
-                    })
+                    };
+                    // SAFETY: every loop in kvq's kernels is bounded by a constant or
+                    // a host-checked count, and every divisor is a non-zero constant
+                    // or a host-checked parameter; buffer bounds checks stay on.
+                    unsafe { device.create_shader_module_trusted(desc, runtime_checks()) }
                 })
                 .clone()
         };
@@ -130,4 +136,19 @@ impl Pipelines {
         pipelines.insert(key.clone(), pipeline.clone());
         pipeline
     }
+}
+
+/// f32 bits of the rotation's normalisation, passed exactly (WGSL's `inverseSqrt`
+/// is not correctly rounded).
+fn norm_bits(head_dim: usize) -> u32 {
+    hadamard_norm(head_dim).to_bits()
+}
+
+/// Runtime checks naga adds to kvq's kernels: buffer bounds checks only. Loop
+/// bounding and division guards cost every iteration on software adapters.
+fn runtime_checks() -> wgpu::ShaderRuntimeChecks {
+    let mut checks = wgpu::ShaderRuntimeChecks::checked();
+    checks.force_loop_bounding = false;
+    checks.int_div_checks = false;
+    checks
 }

@@ -105,7 +105,12 @@ pub fn filled(backend: Arc<dyn Backend>, cfg: CacheConfig, lens: &[usize], seed:
 
 /// Each head vector of `x` (`[.., D]`) passed through the storage format.
 pub fn round_trip(dtype: kvq::KvDtype, x: &[f32], head_dim: usize) -> Vec<f32> {
+    stored(dtype, false, x, head_dim)
+}
+
+/// Each head vector of `x` as a pool of `dtype`, rotated or not, gives it back.
+pub fn stored(dtype: kvq::KvDtype, rotated: bool, x: &[f32], head_dim: usize) -> Vec<f32> {
     x.chunks(head_dim)
-        .flat_map(|v| kvq::quant::round_trip(dtype, v))
+        .flat_map(|v| kvq::quant::stored(dtype, rotated, v))
         .collect()
 }
