@@ -8,7 +8,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{Rng, backends, filled, round_trip, stored};
+use common::{Rng, backends, filled, stored};
 use kvq::reference::{attention_f64, error_stats};
 use kvq::{AttnParams, Backend, CacheConfig, Error, KvCache, KvDtype};
 
