@@ -39,6 +39,7 @@ fn config(
         num_blocks,
         k_dtype: k,
         v_dtype: v,
+        rotate: false,
     }
 }
 
