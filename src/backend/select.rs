@@ -137,6 +137,9 @@ pub fn probe(pref: &Preference) -> Result<Probe> {
 /// Opens the best candidate; an error lists every candidate and why it was rejected.
 pub fn select(pref: &Preference) -> Result<Selected> {
     let p = probe(pref)?;
+    if p.preference.kind == Some(BackendKind::Cuda) && !cfg!(feature = "cuda") {
+        return Err(Error::CudaNotCompiled);
+    }
     let Some(i) = p.chosen else {
         return Err(Error::NoBackend(no_backend_message(&p)));
     };

@@ -1,0 +1,265 @@
+//! Accuracy of attention over a quantized cache on real Q/K/V, against f64
+//! attention over the unquantized inputs.
+//!
+//!     cargo run --release --example eval -- --q Q.npy --k K.npy --v V.npy \
+//!         --k-dtype DTYPE --v-dtype DTYPE --mode decode|prefill \
+//!         [--backend cpu|wgpu|cuda] [--rotate] [--out OUT.npy]
+//!
+//! Inputs are little-endian f32 `.npy` in C order: `q` is `[T, Hq, D]`, `k` and `v`
+//! are `[T, Hkv, D]`. `decode` appends all T tokens and attends with `q[T-1]`
+//! (output `[1, Hq, D]`); `prefill` appends and attends causally in chunks of at
+//! most 512 tokens (output `[T, Hq, D]`). Scale 1/sqrt(D). Prints one line,
+//! `nmse=<x> min_cos=<y> max_abs=<z>`; the backend used goes to stderr. Bad input
+//! exits with status 2 and a one-line error.
+
+use std::fs::File;
+use std::process::ExitCode;
+
+use kvq::backend::BackendKind;
+use kvq::reference::{attention_f64, error_stats};
+use kvq::{AttnParams, CacheConfig, KvCache, KvDtype, Preference};
+use npyz::WriterBuilder;
+
+/// Longest prefill chunk.
+const CHUNK: usize = 512;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Decode,
+    Prefill,
+}
+
+struct Opts {
+    q: String,
+    k: String,
+    v: String,
+    k_dtype: KvDtype,
+    v_dtype: KvDtype,
+    mode: Mode,
+    backend: Option<BackendKind>,
+    rotate: bool,
+    out: Option<String>,
+}
+
+/// A `[T, H, D]` f32 tensor.
+struct Tensor {
+    data: Vec<f32>,
+    t: usize,
+    h: usize,
+    d: usize,
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run() -> Result<(), String> {
+    let o = parse(std::env::args().skip(1))?;
+    let (q, k, v) = (read(&o.q, "--q")?, read(&o.k, "--k")?, read(&o.v, "--v")?);
+    check_shapes(&q, &k, &v)?;
+    let (t, hq, hkv, d) = (q.t, q.h, k.h, q.d);
+    // Created first so that an unwritable path fails before any work.
+    let out_file = match &o.out {
+        Some(path) => Some((
+            path,
+            File::create(path).map_err(|e| format!("--out {path}: {e}"))?,
+        )),
+        None => None,
+    };
+
+    let pref = match o.backend {
+        Some(kind) => Preference::only(kind),
+        None => Preference::default()
+            .with_env()
+            .map_err(|e| e.to_string())?,
+    };
+    let chosen = kvq::select(&pref).map_err(|e| e.to_string())?;
+    eprintln!("backend: {}", chosen.reason);
+    let cfg = CacheConfig::new(1, hkv, d, t)
+        .with_dtypes(o.k_dtype, o.v_dtype)
+        .with_rotation(o.rotate);
+    let mut cache = KvCache::new(chosen.backend, cfg).map_err(|e| e.to_string())?;
+    let seq = cache.add_sequence();
+    let params = AttnParams::new(hq);
+    let resolved = params.resolve(hkv, d).map_err(|e| e.to_string())?;
+    let (qrow, kvrow) = (hq * d, hkv * d);
+
+    let (out, want) = match o.mode {
+        Mode::Decode => {
+            cache
+                .append(&[(seq, t)], &k.data, &v.data)
+                .map_err(|e| e.to_string())?;
+            let last = &q.data[(t - 1) * qrow..];
+            let out = cache
+                .decode(0, &[seq], last, &params)
+                .map_err(|e| e.to_string())?;
+            (
+                out,
+                attention_f64(last, &k.data, &v.data, hkv, d, &resolved),
+            )
+        }
+        Mode::Prefill => {
+            let mut out = Vec::with_capacity(t * qrow);
+            for a in (0..t).step_by(CHUNK) {
+                let z = (a + CHUNK).min(t);
+                let batch = [(seq, z - a)];
+                cache
+                    .append(
+                        &batch,
+                        &k.data[a * kvrow..z * kvrow],
+                        &v.data[a * kvrow..z * kvrow],
+                    )
+                    .map_err(|e| e.to_string())?;
+                let chunk = cache
+                    .prefill(0, &batch, &q.data[a * qrow..z * qrow], &params)
+                    .map_err(|e| e.to_string())?;
+                out.extend(chunk);
+            }
+            (
+                out,
+                attention_f64(&q.data, &k.data, &v.data, hkv, d, &resolved),
+            )
+        }
+    };
+    let e = error_stats(&out, &want, d);
+    println!(
+        "nmse={:.6e} min_cos={:.8} max_abs={:.6e}",
+        e.nmse, e.min_cos, e.max_abs
+    );
+    if let Some((path, file)) = out_file {
+        write(path, file, &out, [out.len() / qrow, hq, d])?;
+    }
+    Ok(())
+}
+
+fn parse(mut args: impl Iterator<Item = String>) -> Result<Opts, String> {
+    let (mut q, mut k, mut v, mut kd, mut vd, mut mode) = (None, None, None, None, None, None);
+    let (mut backend, mut rotate, mut out) = (None, false, None);
+    while let Some(flag) = args.next() {
+        if flag == "--rotate" {
+            rotate = true;
+            continue;
+        }
+        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--q" => q = Some(value),
+            "--k" => k = Some(value),
+            "--v" => v = Some(value),
+            "--k-dtype" => kd = Some(dtype(&flag, &value)?),
+            "--v-dtype" => vd = Some(dtype(&flag, &value)?),
+            "--mode" => {
+                mode = Some(match value.as_str() {
+                    "decode" => Mode::Decode,
+                    "prefill" => Mode::Prefill,
+                    _ => return Err(format!("--mode {value:?}: expected decode or prefill")),
+                })
+            }
+            "--backend" => {
+                backend = Some(
+                    value
+                        .parse::<BackendKind>()
+                        .map_err(|e| format!("--backend: {e}"))?,
+                )
+            }
+            "--out" => out = Some(value),
+            _ => {
+                return Err(format!(
+                    "unknown option {flag:?} (see the doc comment of examples/eval.rs)"
+                ));
+            }
+        }
+    }
+    Ok(Opts {
+        q: need(q, "--q")?,
+        k: need(k, "--k")?,
+        v: need(v, "--v")?,
+        k_dtype: need(kd, "--k-dtype")?,
+        v_dtype: need(vd, "--v-dtype")?,
+        mode: need(mode, "--mode")?,
+        backend,
+        rotate,
+        out,
+    })
+}
+
+fn need<T>(x: Option<T>, name: &str) -> Result<T, String> {
+    x.ok_or_else(|| format!("{name} is required"))
+}
+
+fn dtype(flag: &str, value: &str) -> Result<KvDtype, String> {
+    value.parse().map_err(|e| format!("{flag}: {e}"))
+}
+
+/// Reads a `[T, H, D]` little-endian f32 C-order `.npy`, every value finite.
+fn read(path: &str, flag: &str) -> Result<Tensor, String> {
+    let what = format!("{flag} {path}");
+    let bytes = std::fs::read(path).map_err(|e| format!("{what}: {e}"))?;
+    let npy =
+        npyz::NpyFile::new(&bytes[..]).map_err(|e| format!("{what}: not a .npy file: {e}"))?;
+    let dtype = npy.dtype();
+    if !matches!(&dtype, npyz::DType::Plain(t) if t.to_string() == "<f4") {
+        return Err(format!(
+            "{what}: dtype {}, expected little-endian float32 ('<f4')",
+            dtype.descr()
+        ));
+    }
+    if npy.order() != npyz::Order::C {
+        return Err(format!("{what}: Fortran order, expected C order"));
+    }
+    let shape: Vec<usize> = npy.shape().iter().map(|&s| s as usize).collect();
+    let [t, h, d] = shape[..] else {
+        return Err(format!("{what}: shape {shape:?}, expected [T, H, D]"));
+    };
+    if t == 0 || h == 0 || d == 0 {
+        return Err(format!("{what}: empty shape {shape:?}"));
+    }
+    let data: Vec<f32> = npy.into_vec().map_err(|e| format!("{what}: {e}"))?;
+    if let Some(i) = data.iter().position(|x| !x.is_finite()) {
+        let (ti, hi, di) = (i / (h * d), i / d % h, i % d);
+        return Err(format!("{what}: element [{ti}, {hi}, {di}] is {}", data[i]));
+    }
+    Ok(Tensor { data, t, h, d })
+}
+
+fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(), String> {
+    let shape = |x: &Tensor| [x.t, x.h, x.d];
+    if shape(k) != shape(v) {
+        return Err(format!(
+            "k {:?} and v {:?} differ in shape",
+            shape(k),
+            shape(v)
+        ));
+    }
+    if q.t != k.t {
+        return Err(format!("q has {} tokens, k and v {}", q.t, k.t));
+    }
+    if q.d != k.d {
+        return Err(format!("q has head_dim {}, k and v {}", q.d, k.d));
+    }
+    if q.h % k.h != 0 {
+        return Err(format!(
+            "q heads {} are not a multiple of kv heads {}",
+            q.h, k.h
+        ));
+    }
+    Ok(())
+}
+
+fn write(path: &str, file: File, data: &[f32], shape: [usize; 3]) -> Result<(), String> {
+    let fail = |e: std::io::Error| format!("--out {path}: {e}");
+    let file = std::io::BufWriter::new(file);
+    let mut w = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(&shape.map(|s| s as u64))
+        .writer(file)
+        .begin_nd()
+        .map_err(fail)?;
+    w.extend(data.iter().copied()).map_err(fail)?;
+    w.finish().map_err(fail)
+}
