@@ -238,6 +238,40 @@ fn paged_equals_contiguous() {
     }
 }
 
+/// Block sizes that are not powers of two (and one token per block) page correctly.
+#[test]
+fn odd_block_sizes() {
+    for b in backends() {
+        for bs in [1usize, 12, 48] {
+            let cfg = CacheConfig::new(1, 2, 64, 1024)
+                .with_dtypes(KvDtype::Int8, KvDtype::Int4 { group: 32 })
+                .with_block_size(bs);
+            let (cache, seqs, ks, vs) = filled(b.clone(), cfg, &[1, 11, 12, 13, 150], 17);
+            let q = Rng::new(8).normals(seqs.len() * 4 * 64);
+            let p = AttnParams::new(4);
+            let out = cache.decode(0, &seqs, &q, &p).unwrap();
+            let rp = p.resolve(2, 64).unwrap();
+            for i in 0..seqs.len() {
+                let n = 4 * 64;
+                let want = attention_f64(
+                    &q[i * n..(i + 1) * n],
+                    &stored(KvDtype::Int8, false, &ks[i], 64),
+                    &stored(KvDtype::Int4 { group: 32 }, false, &vs[i], 64),
+                    2,
+                    64,
+                    &rp,
+                );
+                let e = error_stats(&out[i * n..(i + 1) * n], &want, 64);
+                assert!(
+                    e.nmse <= KERNEL_NMSE && e.max_abs <= KERNEL_MAX_ABS,
+                    "{} block size {bs} seq {i}: {e:?}",
+                    name(&b)
+                );
+            }
+        }
+    }
+}
+
 /// Prefill in chunks: each chunk's queries see the cached prefix and the chunk, causally.
 #[test]
 fn prefill_matches_reference() {
