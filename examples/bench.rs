@@ -3,9 +3,10 @@
 //!
 //!     cargo run --release --example bench -- --backend wgpu --context 1024,4096,16384 \
 //!         --batch 1 --q-heads 32 --kv-heads 8 --head-dim 128 --dtypes f16,int8,int4 \
-//!         [--json] [--plot FILE.svg] [--iters N] [--append]
+//!         [--json] [--plot FILE.svg] [--iters N] [--prefill N] [--append]
 //!
-//! `--append` times quantize-append of `context` tokens instead.
+//! `--prefill N` times causal prefill of the last N tokens of each sequence instead
+//! of decode; `--append` times quantize-append of `context` tokens.
 //!
 //! A dtype is `K` or `K/V` (e.g. `int8/int4`). Times are medians of wall-clock time
 //! from submit to completion after warm-up.
@@ -27,6 +28,7 @@ struct Opts {
     json: bool,
     plot: Option<String>,
     iters: usize,
+    prefill: usize,
     append: bool,
 }
 
@@ -46,6 +48,7 @@ fn parse() -> Result<Opts> {
         json: false,
         plot: None,
         iters: 20,
+        prefill: 0,
         append: false,
     };
     let bad = |flag: &str, v: &str| Error::InvalidConfig(format!("bad value {v:?} for {flag}"));
@@ -69,6 +72,7 @@ fn parse() -> Result<Opts> {
             "--kv-heads" => o.kv_heads = num(value()?)?,
             "--head-dim" => o.head_dim = num(value()?)?,
             "--iters" => o.iters = num(value()?)?.max(1),
+            "--prefill" => o.prefill = num(value()?)?,
             "--dtypes" => {
                 o.dtypes = value()?
                     .split(',')
@@ -86,7 +90,7 @@ fn parse() -> Result<Opts> {
                     "{}",
                     include_str!("bench.rs")
                         .lines()
-                        .take(9)
+                        .take(10)
                         .collect::<Vec<_>>()
                         .join("\n")
                 );
@@ -94,6 +98,11 @@ fn parse() -> Result<Opts> {
             }
             other => return Err(Error::InvalidConfig(format!("unknown flag {other}"))),
         }
+    }
+    if o.contexts.iter().any(|&c| c < o.prefill) {
+        return Err(Error::InvalidConfig(
+            "--prefill is longer than a context".into(),
+        ));
     }
     if o.batch == 0 || o.contexts.contains(&0) {
         return Err(Error::InvalidConfig(
@@ -168,12 +177,13 @@ fn bench_decode(
     // Everything the call needs stays on the device; only the kernel runs per iteration.
     let mut tables = Vec::new();
     let mut infos = Vec::new();
+    let q_len = o.prefill.max(1);
     for (i, &s) in seqs.iter().enumerate() {
         infos.push(SeqInfo {
             kv_len: context as u32,
             table_offset: tables.len() as u32,
-            q_offset: i as u32,
-            q_len: 1,
+            q_offset: (i * q_len) as u32,
+            q_len: q_len as u32,
         });
         tables.extend_from_slice(cache.blocks().block_table(s)?);
     }
@@ -182,10 +192,9 @@ fn bench_decode(
         b.upload(&buf, 0, w)?;
         Ok(buf)
     };
-    let q = upload(bytemuck::cast_slice(&noise(
-        o.batch * o.q_heads * o.head_dim,
-    )))?;
-    let out = b.alloc(o.batch * o.q_heads * o.head_dim)?;
+    let rows = o.batch * q_len * o.q_heads * o.head_dim;
+    let q = upload(bytemuck::cast_slice(&noise(rows)))?;
+    let out = b.alloc(rows)?;
     let tables = upload(&tables)?;
     let (kp, vp) = cache.pools(0)?;
     let args = AttnArgs {
@@ -198,7 +207,11 @@ fn bench_decode(
         params: AttnParams::new(o.q_heads).resolve(o.kv_heads, o.head_dim)?,
     };
     let median_us = time(o.iters, || {
-        b.decode(&args)?;
+        if o.prefill > 0 {
+            b.prefill(&args)?;
+        } else {
+            b.decode(&args)?;
+        }
         b.synchronize()
     })?;
     let bytes = o.batch
@@ -278,8 +291,16 @@ fn run() -> Result<()> {
     if !o.json {
         println!("backend: {}", chosen.reason);
         println!(
-            "batch {} q_heads {} kv_heads {} head_dim {}; median of {} calls\n",
-            o.batch, o.q_heads, o.kv_heads, o.head_dim, o.iters
+            "{}batch {} q_heads {} kv_heads {} head_dim {}; median of {} calls\n",
+            match o.prefill {
+                0 => "decode, ".to_string(),
+                n => format!("prefill of the last {n} tokens, "),
+            },
+            o.batch,
+            o.q_heads,
+            o.kv_heads,
+            o.head_dim,
+            o.iters
         );
         println!(
             "{:<9} {:<9} {:>7} {:>11} {:>10} {:>8} {:>10} {:>6} {:>8}",
