@@ -59,7 +59,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run() -> Result<(), String> {
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let o = parse(std::env::args().skip(1))?;
     let (q, k, v) = (read(&o.q, "--q")?, read(&o.k, "--k")?, read(&o.v, "--v")?);
     check_shapes(&q, &k, &v)?;
@@ -75,30 +75,24 @@ fn run() -> Result<(), String> {
 
     let pref = match o.backend {
         Some(kind) => Preference::only(kind),
-        None => Preference::default()
-            .with_env()
-            .map_err(|e| e.to_string())?,
+        None => Preference::default().with_env()?,
     };
-    let chosen = kvq::select(&pref).map_err(|e| e.to_string())?;
+    let chosen = kvq::select(&pref)?;
     eprintln!("backend: {}", chosen.reason);
     let cfg = CacheConfig::new(1, hkv, d, t)
         .with_dtypes(o.k_dtype, o.v_dtype)
         .with_rotation(o.rotate);
-    let mut cache = KvCache::new(chosen.backend, cfg).map_err(|e| e.to_string())?;
+    let mut cache = KvCache::new(chosen.backend, cfg)?;
     let seq = cache.add_sequence();
     let params = AttnParams::new(hq);
-    let resolved = params.resolve(hkv, d).map_err(|e| e.to_string())?;
+    let resolved = params.resolve(hkv, d)?;
     let (qrow, kvrow) = (hq * d, hkv * d);
 
     let (out, want) = match o.mode {
         Mode::Decode => {
-            cache
-                .append(&[(seq, t)], &k.data, &v.data)
-                .map_err(|e| e.to_string())?;
+            cache.append(&[(seq, t)], &k.data, &v.data)?;
             let last = &q.data[(t - 1) * qrow..];
-            let out = cache
-                .decode(0, &[seq], last, &params)
-                .map_err(|e| e.to_string())?;
+            let out = cache.decode(0, &[seq], last, &params)?;
             (
                 out,
                 attention_f64(last, &k.data, &v.data, hkv, d, &resolved),
@@ -109,16 +103,12 @@ fn run() -> Result<(), String> {
             for a in (0..t).step_by(CHUNK) {
                 let z = (a + CHUNK).min(t);
                 let batch = [(seq, z - a)];
-                cache
-                    .append(
-                        &batch,
-                        &k.data[a * kvrow..z * kvrow],
-                        &v.data[a * kvrow..z * kvrow],
-                    )
-                    .map_err(|e| e.to_string())?;
-                let chunk = cache
-                    .prefill(0, &batch, &q.data[a * qrow..z * qrow], &params)
-                    .map_err(|e| e.to_string())?;
+                cache.append(
+                    &batch,
+                    &k.data[a * kvrow..z * kvrow],
+                    &v.data[a * kvrow..z * kvrow],
+                )?;
+                let chunk = cache.prefill(0, &batch, &q.data[a * qrow..z * qrow], &params)?;
                 out.extend(chunk);
             }
             (

@@ -137,10 +137,11 @@ pub fn probe(pref: &Preference) -> Result<Probe> {
 
 /// Opens the best candidate; an error lists every candidate and why it was rejected.
 pub fn select(pref: &Preference) -> Result<Selected> {
-    let p = probe(pref)?;
-    if p.preference.kind == Some(BackendKind::Cuda) && !cfg!(feature = "cuda") {
+    // Answered before probing: opening adapters cannot help a CUDA request here.
+    if pref.with_env()?.kind == Some(BackendKind::Cuda) && !cfg!(feature = "cuda") {
         return Err(Error::CudaNotCompiled);
     }
+    let p = probe(pref)?;
     let Some(i) = p.chosen else {
         return Err(Error::NoBackend(no_backend_message(&p)));
     };

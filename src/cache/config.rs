@@ -76,12 +76,7 @@ impl CacheConfig {
         }
         self.k_dtype.check(self.head_dim)?;
         self.v_dtype.check(self.head_dim)?;
-        if self.rotate && !self.head_dim.is_power_of_two() {
-            return Err(Error::InvalidConfig(format!(
-                "rotation needs a power-of-two head_dim, got {}",
-                self.head_dim
-            )));
-        }
+        self.layout(self.k_dtype).check()?;
         // Word indices must fit u32 on every device.
         for dtype in [self.k_dtype, self.v_dtype] {
             let per_row =
