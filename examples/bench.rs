@@ -3,10 +3,12 @@
 //!
 //!     cargo run --release --example bench -- --backend wgpu --context 1024,4096,16384 \
 //!         --batch 1 --q-heads 32 --kv-heads 8 --head-dim 128 --dtypes f16,int8,int4 \
-//!         [--json] [--plot FILE.svg] [--iters N] [--prefill N] [--append]
+//!         [--json] [--plot FILE.svg] [--iters N] [--prefill N] [--append] [--generic]
 //!
 //! `--prefill N` times causal prefill of the last N tokens of each sequence instead
-//! of decode; `--append` times quantize-append of `context` tokens.
+//! of decode; `--append` times quantize-append of `context` tokens. `--generic`
+//! decodes with wgpu's GPU-shaped kernel even on a CPU adapter, where
+//! `attention_lanes.wgsl` is otherwise chosen.
 //!
 //! A dtype is `K` or `K/V` (e.g. `int8/int4`). Times are medians of wall-clock time
 //! from submit to completion after warm-up.
@@ -19,6 +21,7 @@ use kvq::{AttnParams, Backend, CacheConfig, Error, KvCache, KvDtype, Preference,
 
 struct Opts {
     backend: Option<BackendKind>,
+    generic: bool,
     contexts: Vec<usize>,
     batch: usize,
     q_heads: usize,
@@ -35,6 +38,7 @@ struct Opts {
 fn parse() -> Result<Opts> {
     let mut o = Opts {
         backend: None,
+        generic: false,
         contexts: vec![1024, 4096, 16384],
         batch: 1,
         q_heads: 32,
@@ -61,6 +65,7 @@ fn parse() -> Result<Opts> {
         let num = |v: String| v.trim().parse::<usize>().map_err(|_| bad(&flag, &v));
         match flag.as_str() {
             "--backend" => o.backend = Some(value()?.parse()?),
+            "--generic" => o.generic = true,
             "--context" => {
                 o.contexts = value()?
                     .split(',')
@@ -283,7 +288,11 @@ fn run() -> Result<()> {
         None => Preference::default(),
     };
     let chosen = kvq::select(&pref)?;
-    let b = chosen.backend;
+    let mut b = chosen.backend;
+    if o.generic && b.info().kind == BackendKind::Wgpu {
+        let generic = kvq::wgpu::WgpuBackend::open_named(&b.info().name)?.without_lanes();
+        b = Arc::new(generic);
+    }
     if o.append {
         println!("backend: {}", chosen.reason);
         return bench_append(&b, &o);

@@ -115,6 +115,30 @@ fn decode_matches_reference_for_every_dtype_pair() {
     }
 }
 
+/// Both wgpu decode kernels on the GPU adapter: `attention_lanes.wgsl` (chosen on
+/// CPU adapters with subgroups, such as llvmpipe) and `attention.wgsl`.
+#[test]
+fn decode_both_wgpu_kernels_match_reference() {
+    let Some(gpu) = common::gpu() else { return };
+    let open = || kvq::wgpu::WgpuBackend::open_named(&gpu.info().name).unwrap();
+    let lanes = open();
+    if gpu.info().name.contains("llvmpipe") && gpu.info().api == "Vulkan" {
+        assert!(
+            lanes.uses_lanes(),
+            "llvmpipe should decode with attention_lanes.wgsl"
+        );
+    }
+    let kernels: [Arc<dyn Backend>; 2] = [Arc::new(lanes), Arc::new(open().without_lanes())];
+    for b in kernels {
+        for (k, v) in PAIRS {
+            check_decode(&b, k, v, 128, 4, AttnParams::new(0));
+        }
+        let g8 = KvDtype::Int4 { group: 8 };
+        check_decode(&b, g8, g8, 64, 8, AttnParams::new(0));
+        check_decode_rotated(&b, KvDtype::Int8, g8, 256, 2, AttnParams::new(0), true);
+    }
+}
+
 #[test]
 fn decode_head_dims_and_gqa_ratios() {
     for b in backends() {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use kvq::wgpu::attention::heads_per_group;
+use kvq::wgpu::attention::{heads_per_group, lanes_fit};
 use kvq::wgpu::pipelines::PipelineKey;
 use kvq::wgpu::shaders::{Kernel, validate};
 use kvq::{CacheConfig, KvDtype};
@@ -12,7 +12,7 @@ use kvq::{CacheConfig, KvDtype};
 fn bindings(kernel: Kernel) -> usize {
     match kernel {
         Kernel::QuantizeAppend | Kernel::Dequantize => 5,
-        Kernel::Attention => 9,
+        Kernel::Attention | Kernel::AttentionLanes => 9,
         Kernel::AttnReduce | Kernel::Stream => 3,
     }
 }
@@ -45,10 +45,14 @@ fn keys() -> Vec<PipelineKey> {
                     keys.push(PipelineKey::rows(kernel, &kl));
                 }
                 for v in [KvDtype::F16, KvDtype::Int8, KvDtype::int4_default(d)] {
+                    let vl = cfg.layout(v);
                     for ratio in [1u32, 2, 4, 8] {
                         let qh = heads_per_group(ratio);
                         for qb in [1, 8 / qh] {
-                            keys.push(PipelineKey::attention(&kl, &cfg.layout(v), qh, qb));
+                            keys.push(PipelineKey::attention(&kl, &vl, qh, qb));
+                        }
+                        if lanes_fit(&kl, &vl) {
+                            keys.push(PipelineKey::attention_lanes(&kl, &vl, qh));
                         }
                     }
                 }

@@ -5,6 +5,7 @@
 use super::WgpuBackend;
 use super::pipelines::PipelineKey;
 use crate::backend::{AttnArgs, Backend, DeviceType};
+use crate::cache::PoolLayout;
 use crate::{Error, Result};
 
 /// Keys per tile in the kernel (one per invocation).
@@ -20,6 +21,27 @@ pub fn decode(b: &WgpuBackend, args: &AttnArgs<'_>) -> Result<()> {
         ));
     }
     run(b, args, 1)
+}
+
+/// Whether decode on this adapter uses `attention_lanes.wgsl`: a CPU adapter
+/// (its subgroup is the lanes of a SIMD register) with subgroups of at least
+/// the kernel's eight lanes, so that a workgroup is one subgroup.
+pub fn lanes_decode(adapter: &wgpu::AdapterInfo, features: wgpu::Features) -> bool {
+    adapter.device_type == wgpu::DeviceType::Cpu
+        && features.contains(wgpu::Features::SUBGROUP)
+        && adapter.subgroup_min_size >= LANES
+}
+
+/// Invocations of `attention_lanes.wgsl`'s workgroup, one subgroup.
+const LANES: u32 = 8;
+
+/// Pools `attention_lanes.wgsl` takes: each lane's share of the head dims is
+/// whole words of every dtype, and an Int4 V group neither straddles lanes nor
+/// splits a lane unevenly.
+pub fn lanes_fit(k: &PoolLayout, v: &PoolLayout) -> bool {
+    let per_lane = k.head_dim / LANES as usize;
+    let v_group = v.dtype.group() as usize;
+    k.head_dim % 64 == 0 && (v_group == 0 || v_group % per_lane == 0 || per_lane % v_group == 0)
 }
 
 /// Causal prefill: several query positions per workgroup, keys not split.
@@ -74,7 +96,11 @@ fn run(b: &WgpuBackend, args: &AttnArgs<'_>, qb: u32) -> Result<()> {
     let partial = b.alloc(rows * splits * (d + 2))?;
     let meta_buf = b.alloc(meta.len())?;
     b.upload(&meta_buf, 0, &meta)?;
-    let attn_key = PipelineKey::attention(kl, &args.v.layout, qh, qb);
+    let attn_key = if qb == 1 && b.lanes && lanes_fit(kl, &args.v.layout) {
+        PipelineKey::attention_lanes(kl, &args.v.layout, qh)
+    } else {
+        PipelineKey::attention(kl, &args.v.layout, qh, qb)
+    };
     let uniform = [
         kl.kv_heads as u32,
         kl.block_size as u32,

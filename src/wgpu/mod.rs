@@ -30,13 +30,16 @@ pub struct WgpuBackend {
     queue: wgpu::Queue,
     info: BackendInfo,
     pipelines: Pipelines,
+    /// Decode uses `attention_lanes.wgsl` (see [`attention::lanes_decode`]).
+    lanes: bool,
 }
 
 impl WgpuBackend {
     /// Opens `adapter` with its own limits and the optional features kvq can use.
     pub fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
         probe::check(adapter).map_err(Error::Unsupported)?;
-        let features = adapter.features() & wgpu::Features::TIMESTAMP_QUERY;
+        let features =
+            adapter.features() & (wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("kvq"),
             required_features: features,
@@ -44,8 +47,7 @@ impl WgpuBackend {
             ..Default::default()
         }))
         .map_err(|e| Error::Device(format!("request_device: {e}")))?;
-        let info = describe(&adapter.get_info(), &device.limits(), device.features());
-        Ok(Self::new(device, queue, info))
+        Ok(Self::new(device, queue, &adapter.get_info()))
     }
 
     /// Wraps an application's own device and queue (interop); `adapter_info` names it.
@@ -55,8 +57,7 @@ impl WgpuBackend {
         adapter_info: &wgpu::AdapterInfo,
     ) -> Result<Self> {
         check_limits(&device.limits()).map_err(Error::Unsupported)?;
-        let info = describe(adapter_info, &device.limits(), device.features());
-        Ok(Self::new(device, queue, info))
+        Ok(Self::new(device, queue, adapter_info))
     }
 
     /// Opens the first adapter whose name contains `name` (e.g. "llvmpipe").
@@ -70,13 +71,28 @@ impl WgpuBackend {
         Self::from_adapter(adapter)
     }
 
-    fn new(device: wgpu::Device, queue: wgpu::Queue, info: BackendInfo) -> Self {
+    fn new(device: wgpu::Device, queue: wgpu::Queue, adapter: &wgpu::AdapterInfo) -> Self {
+        let info = describe(adapter, &device.limits(), device.features());
+        let lanes = attention::lanes_decode(adapter, device.features());
         WgpuBackend {
             device,
             queue,
             info,
             pipelines: Pipelines::default(),
+            lanes,
         }
+    }
+
+    /// Decodes with `attention.wgsl` even where `attention_lanes.wgsl` would be
+    /// chosen, to compare the two kernels on one adapter.
+    pub fn without_lanes(mut self) -> Self {
+        self.lanes = false;
+        self
+    }
+
+    /// Whether decode uses `attention_lanes.wgsl` where the pools fit it.
+    pub fn uses_lanes(&self) -> bool {
+        self.lanes
     }
 
     /// The device.

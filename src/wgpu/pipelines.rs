@@ -52,6 +52,14 @@ impl PipelineKey {
         }
     }
 
+    /// The lanes decode kernel over pools `k` and `v` for `qh` q heads per workgroup.
+    pub fn attention_lanes(k: &PoolLayout, v: &PoolLayout, qh: u32) -> Self {
+        let mut key = Self::attention(k, v, qh, 1);
+        key.kernel = Kernel::AttentionLanes;
+        key.constants.retain(|&(name, _)| name != "QB");
+        key
+    }
+
     /// The combine pass of attention over the V pool `v`.
     pub fn reduce(v: &PoolLayout) -> Self {
         PipelineKey {

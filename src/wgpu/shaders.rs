@@ -16,6 +16,9 @@ pub enum Kernel {
     Dequantize,
     /// `shaders/attention.wgsl`: split-K attention partials (decode and prefill).
     Attention,
+    /// `shaders/attention_lanes.wgsl`: decode partials for adapters whose
+    /// subgroups are CPU SIMD lanes.
+    AttentionLanes,
     /// `shaders/attn_reduce.wgsl`: combines the partials.
     AttnReduce,
     /// `shaders/stream.wgsl`: streaming-read roofline.
@@ -24,10 +27,11 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 5] = [
+    pub const ALL: [Kernel; 6] = [
         Kernel::QuantizeAppend,
         Kernel::Dequantize,
         Kernel::Attention,
+        Kernel::AttentionLanes,
         Kernel::AttnReduce,
         Kernel::Stream,
     ];
@@ -38,6 +42,7 @@ impl Kernel {
             Kernel::QuantizeAppend => "quantize_append.wgsl",
             Kernel::Dequantize => "dequantize.wgsl",
             Kernel::Attention => "attention.wgsl",
+            Kernel::AttentionLanes => "attention_lanes.wgsl",
             Kernel::AttnReduce => "attn_reduce.wgsl",
             Kernel::Stream => "stream.wgsl",
         }
@@ -48,12 +53,14 @@ impl Kernel {
             Kernel::QuantizeAppend => include_str!("../../shaders/quantize_append.wgsl"),
             Kernel::Dequantize => include_str!("../../shaders/dequantize.wgsl"),
             Kernel::Attention => include_str!("../../shaders/attention.wgsl"),
+            Kernel::AttentionLanes => include_str!("../../shaders/attention_lanes.wgsl"),
             Kernel::AttnReduce => include_str!("../../shaders/attn_reduce.wgsl"),
             Kernel::Stream => include_str!("../../shaders/stream.wgsl"),
         }
     }
 
-    /// The full source: common helpers, then the kernel.
+    /// The full source: common helpers, then the kernel. (Naga 30 takes subgroup
+    /// built-ins without `enable subgroups;`; it rejects the directive.)
     pub fn source(self) -> String {
         format!("{COMMON}\n{}", self.body())
     }
@@ -67,7 +74,8 @@ pub fn validate(name: &str, source: &str) -> Result<(naga::Module, naga::valid::
         naga::valid::ValidationFlags::all(),
         // unpack2x16float: core WGSL, granted by wgpu on every adapter with the
         // SHADER_F16_IN_F32 downlevel flag (checked when probing).
-        naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32,
+        // Subgroups: only kernels dispatched on devices with wgpu's SUBGROUP feature.
+        naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32 | naga::valid::Capabilities::SUBGROUP,
     )
     .validate(&module)
     .map_err(|e| {

@@ -1,0 +1,435 @@
+// Decode attention for adapters whose subgroup is the lanes of a CPU SIMD register
+// (llvmpipe). Same bindings, parameters and partial layout as attention.wgsl with
+// QB = 1; attn_reduce.wgsl combines the splits. CPU twin: src/cpu/attention.rs.
+//
+// On such an adapter a load whose address is not uniform is split into one scalar
+// load per lane, and a loop counter is never uniform, so attention.wgsl's reads of
+// q from workgroup memory inside its key loop cost the same per-lane work as its K
+// reads, eight times over. Here a workgroup is one subgroup of LANES invocations
+// and each step takes LANES keys:
+// * q . k: lane i takes key i, with q in registers (the same in every lane), so
+//   the only per-lane loads are the key's own bytes;
+// * p . V: lane i takes output dims [i * DL, (i + 1) * DL) and the keys' weights
+//   and pool rows are broadcast to it one key at a time.
+// Register arrays must be indexed by constants, or they live in per-lane memory:
+// loops over them are unrolled by calls with literal arguments (every call is
+// inlined, and calls past the head size fold away).
+
+struct AttnParams {
+    kv_heads: u32,
+    block_size: u32,
+    q_heads: u32,
+    ratio: u32,      // q heads per kv head
+    splits: u32,     // key splits per row block
+    split_len: u32,  // keys per split (multiple of LANES)
+    window: u32,     // 0: off
+    work_offset: u32, // where work items start in `work`
+    scale: f32,
+    softcap: f32,    // 0: off
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<uniform> P: AttnParams;
+@group(0) @binding(1) var<storage, read> q: array<f32>;          // [queries, q_heads, HEAD_DIM]
+@group(0) @binding(2) var<storage, read> work: array<u32>;       // SeqInfo per seq, then work items
+@group(0) @binding(3) var<storage, read> tables: array<u32>;
+@group(0) @binding(4) var<storage, read> k_data: array<vec4<u32>>;
+@group(0) @binding(5) var<storage, read> k_side: array<u32>;
+@group(0) @binding(6) var<storage, read> v_data: array<u32>;
+@group(0) @binding(7) var<storage, read> v_side: array<u32>;
+@group(0) @binding(8) var<storage, read_write> partial: array<f32>; // [queries, q_heads, splits, HEAD_DIM + 2]
+
+override K_DTYPE: u32 = 1u; // 0 F16, 1 Int8, 2 Int4
+override V_DTYPE: u32 = 1u;
+override HEAD_DIM: u32 = 128u; // a multiple of 32, at most 256
+override K_GROUP: u32 = 32u;
+override V_GROUP: u32 = 32u;
+override QH: u32 = 4u; // q heads per workgroup, at most 8
+override BLOCK_SIZE: u32 = 16u;
+override ROTATE_Q: u32 = 0u; // 1: the K pool is Walsh–Hadamard rotated
+override NORM_BITS: u32 = 0x3f800000u; // f32 bits of 1/sqrt(HEAD_DIM)
+
+const LANES: u32 = 8u;
+override DL: u32 = HEAD_DIM / LANES; // output dims per lane
+override K_CHUNKS: u32 = HEAD_DIM / (8u << K_DTYPE); // vec4 words per K row
+override V_WORDS: u32 = DL / (2u << V_DTYPE); // words of V per lane and row
+
+var<workgroup> q_sh: array<f32, 2048>;  // QH rows of q while they are staged
+
+var<private> qv: array<f32, 2048>;     // q[h * HEAD_DIM + d], scaled (and rotated)
+var<private> qsum: array<f32, 256>;    // Int4 K: q summed over key group g, [h * 32 + g]
+var<private> s: array<f32, 8>;         // q . k of this lane's key, per head
+var<private> gdot: array<f32, 8>;      // Int4 K: q . codes within the current group
+var<private> acc: array<f32, 256>;     // sum p * V over this lane's dims, [h * DL + e]
+var<private> accm: array<f32, 32>;     // Int4 V: sum p * min per head and group, [h * 4 + g]
+var<private> pw: array<f32, 8>;        // weight of the broadcast key, per head
+
+fn kv_addr(table_offset: u32, kvh: u32, t: u32) -> u32 {
+    let b = tables[table_offset + t / BLOCK_SIZE];
+    return (b * P.kv_heads + kvh) * BLOCK_SIZE + t % BLOCK_SIZE;
+}
+
+// ---- staging q into registers -------------------------------------------------
+
+fn load_q8(c: u32) {
+    if (c * 8u >= HEAD_DIM) {
+        return;
+    }
+    for (var h = 0u; h < QH; h++) {
+        for (var e = 0u; e < 8u; e++) {
+            qv[h * HEAD_DIM + c * 8u + e] = q_sh[h * HEAD_DIM + c * 8u + e];
+        }
+    }
+}
+
+fn load_q(c0: u32) {
+    load_q8(c0); load_q8(c0 + 1u); load_q8(c0 + 2u); load_q8(c0 + 3u);
+    load_q8(c0 + 4u); load_q8(c0 + 5u); load_q8(c0 + 6u); load_q8(c0 + 7u);
+}
+
+// Sums of q over each Int4 key group (the group's min multiplies them).
+fn sum_q8(c: u32) {
+    if (c * 8u >= HEAD_DIM) {
+        return;
+    }
+    let g = c * 8u / K_GROUP;
+    for (var h = 0u; h < QH; h++) {
+        var x = 0.0;
+        for (var e = 0u; e < 8u; e++) {
+            x += qv[h * HEAD_DIM + c * 8u + e];
+        }
+        if ((c * 8u) % K_GROUP == 0u) {
+            qsum[h * 32u + g] = x;
+        } else {
+            qsum[h * 32u + g] += x;
+        }
+    }
+}
+
+fn sum_q(c0: u32) {
+    sum_q8(c0); sum_q8(c0 + 1u); sum_q8(c0 + 2u); sum_q8(c0 + 3u);
+    sum_q8(c0 + 4u); sum_q8(c0 + 5u); sum_q8(c0 + 6u); sum_q8(c0 + 7u);
+}
+
+// ---- q . k for this lane's key --------------------------------------------------
+
+// s[h] += q[h][d..d+8] . x
+fn dot8(d: u32, x0: vec4<f32>, x1: vec4<f32>) {
+    for (var h = 0u; h < QH; h++) {
+        let o = h * HEAD_DIM + d;
+        s[h] += dot(vec4<f32>(qv[o], qv[o + 1u], qv[o + 2u], qv[o + 3u]), x0)
+              + dot(vec4<f32>(qv[o + 4u], qv[o + 5u], qv[o + 6u], qv[o + 7u]), x1);
+    }
+}
+
+fn int8_codes(word: u32) -> vec4<f32> {
+    let w = bitcast<i32>(word);
+    return vec4<f32>(vec4<i32>(w << 24u, w << 16u, w << 8u, w) >> vec4<u32>(24u));
+}
+
+fn int4_codes(word: u32, shift: u32) -> vec4<f32> {
+    return vec4<f32>((vec4<u32>(word) >> vec4<u32>(shift, shift + 4u, shift + 8u, shift + 12u)) & vec4<u32>(15u));
+}
+
+// One Int4 K word (8 dims starting at d) into the group dot products; closes the
+// group into s when the word is its last.
+fn int4_word(d: u32, word: u32, side: u32) {
+    if (d % K_GROUP == 0u) {
+        for (var h = 0u; h < QH; h++) {
+            gdot[h] = 0.0;
+        }
+    }
+    let x0 = int4_codes(word, 0u);
+    let x1 = int4_codes(word, 16u);
+    for (var h = 0u; h < QH; h++) {
+        let o = h * HEAD_DIM + d;
+        gdot[h] += dot(vec4<f32>(qv[o], qv[o + 1u], qv[o + 2u], qv[o + 3u]), x0)
+                 + dot(vec4<f32>(qv[o + 4u], qv[o + 5u], qv[o + 6u], qv[o + 7u]), x1);
+    }
+    if ((d + 8u) % K_GROUP == 0u) {
+        let g = d / K_GROUP;
+        let f = unpack2x16float(k_side[side + g]); // (scale, min)
+        for (var h = 0u; h < QH; h++) {
+            s[h] += f.x * gdot[h] + f.y * qsum[h * 32u + g];
+        }
+    }
+}
+
+// Chunk c (one vec4 of the K row at `base`) into s.
+fn qk_chunk(base: u32, side: u32, c: u32) {
+    if (c >= K_CHUNKS) {
+        return;
+    }
+    let w = k_data[base + c];
+    if (K_DTYPE == 0u) {
+        dot8(c * 8u, vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)),
+             vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w)));
+    } else if (K_DTYPE == 1u) {
+        dot8(c * 16u, int8_codes(w.x), int8_codes(w.y));
+        dot8(c * 16u + 8u, int8_codes(w.z), int8_codes(w.w));
+    } else {
+        int4_word(c * 32u, w.x, side);
+        int4_word(c * 32u + 8u, w.y, side);
+        int4_word(c * 32u + 16u, w.z, side);
+        int4_word(c * 32u + 24u, w.w, side);
+    }
+}
+
+fn qk_chunks(base: u32, side: u32, c0: u32) {
+    qk_chunk(base, side, c0); qk_chunk(base, side, c0 + 1u);
+    qk_chunk(base, side, c0 + 2u); qk_chunk(base, side, c0 + 3u);
+    qk_chunk(base, side, c0 + 4u); qk_chunk(base, side, c0 + 5u);
+    qk_chunk(base, side, c0 + 6u); qk_chunk(base, side, c0 + 7u);
+}
+
+// Scaled q . k of the key in pool row `row`, per head, into s.
+fn qk(row: u32) {
+    for (var h = 0u; h < 8u; h++) {
+        s[h] = 0.0;
+    }
+    let base = row * K_CHUNKS;
+    let side = row * (HEAD_DIM / K_GROUP);
+    qk_chunks(base, side, 0u);
+    qk_chunks(base, side, 8u);
+    qk_chunks(base, side, 16u);
+    qk_chunks(base, side, 24u);
+    if (K_DTYPE == 1u) {
+        let scale = bitcast<f32>(k_side[row]);
+        for (var h = 0u; h < QH; h++) {
+            s[h] *= scale;
+        }
+    }
+}
+
+// ---- p . V over this lane's dims --------------------------------------------------
+
+// acc[h][e..e+n] += pw[h] * x
+fn axpy2(e: u32, x: vec2<f32>) {
+    for (var h = 0u; h < QH; h++) {
+        acc[h * DL + e] += pw[h] * x.x;
+        acc[h * DL + e + 1u] += pw[h] * x.y;
+    }
+}
+
+fn axpy4(e: u32, x: vec4<f32>, f: f32) {
+    for (var h = 0u; h < QH; h++) {
+        let p = pw[h] * f;
+        acc[h * DL + e] += p * x.x;
+        acc[h * DL + e + 1u] += p * x.y;
+        acc[h * DL + e + 2u] += p * x.z;
+        acc[h * DL + e + 3u] += p * x.w;
+    }
+}
+
+// Word w of this lane's slice of V row `row`.
+fn pv_word(row: u32, lane: u32, w: u32, f: vec2<f32>) {
+    if (w >= V_WORDS) {
+        return;
+    }
+    let word = v_data[row * (HEAD_DIM / (2u << V_DTYPE)) + lane * V_WORDS + w];
+    if (V_DTYPE == 0u) {
+        axpy2(2u * w, unpack2x16float(word));
+    } else if (V_DTYPE == 1u) {
+        axpy4(4u * w, int8_codes(word), f.x);
+    } else {
+        axpy4(8u * w, int4_codes(word, 0u), f.x);
+        axpy4(8u * w + 4u, int4_codes(word, 16u), f.x);
+    }
+}
+
+// Int4 V factors (scale, min) of word w of this lane's slice; the min part goes
+// to accm once per group.
+fn v_factors(row: u32, lane: u32, w: u32) -> vec2<f32> {
+    if (V_DTYPE == 1u) {
+        return vec2<f32>(bitcast<f32>(v_side[row]), 0.0);
+    }
+    if (V_DTYPE != 2u) {
+        return vec2<f32>(1.0, 0.0);
+    }
+    let d = lane * DL + 8u * w;
+    let f = unpack2x16float(v_side[row * (HEAD_DIM / V_GROUP) + d / V_GROUP]);
+    let g = (8u * w) / V_GROUP; // group within the lane's slice (V_GROUP >= DL: 0)
+    for (var h = 0u; h < QH; h++) {
+        accm[h * 4u + g] += pw[h] * f.y;
+    }
+    return f;
+}
+
+fn pv_group_word(row: u32, lane: u32, w: u32, f: vec2<f32>) -> vec2<f32> {
+    if (w >= V_WORDS) {
+        return f;
+    }
+    var g = f;
+    if (V_DTYPE == 2u && (8u * w) % V_GROUP == 0u) {
+        g = v_factors(row, lane, w);
+    }
+    pv_word(row, lane, w, g);
+    return g;
+}
+
+// Adds the key broadcast from one lane: its pool row and weights (pa: heads 0-3,
+// pb: heads 4-7).
+fn pv(row: u32, lane: u32, pa: vec4<f32>, pb: vec4<f32>) {
+    pw = array<f32, 8>(pa.x, pa.y, pa.z, pa.w, pb.x, pb.y, pb.z, pb.w);
+    var f = v_factors(row, lane, 0u);
+    pv_word(row, lane, 0u, f);
+    f = pv_group_word(row, lane, 1u, f);
+    f = pv_group_word(row, lane, 2u, f);
+    f = pv_group_word(row, lane, 3u, f);
+    f = pv_group_word(row, lane, 4u, f);
+    f = pv_group_word(row, lane, 5u, f);
+    f = pv_group_word(row, lane, 6u, f);
+    f = pv_group_word(row, lane, 7u, f);
+    f = pv_group_word(row, lane, 8u, f);
+    f = pv_group_word(row, lane, 9u, f);
+    f = pv_group_word(row, lane, 10u, f);
+    f = pv_group_word(row, lane, 11u, f);
+    f = pv_group_word(row, lane, 12u, f);
+    f = pv_group_word(row, lane, 13u, f);
+    f = pv_group_word(row, lane, 14u, f);
+    f = pv_group_word(row, lane, 15u, f);
+}
+
+// ---- running softmax ------------------------------------------------------------
+
+fn rescale_head(h: u32, c: f32) {
+    if (h >= QH) {
+        return;
+    }
+    for (var e = 0u; e < DL; e++) {
+        acc[h * DL + e] *= c;
+    }
+    for (var g = 0u; g < 4u; g++) {
+        accm[h * 4u + g] *= c;
+    }
+}
+
+fn write_head(h: u32, base: u32, lane: u32, m: f32, l: f32) {
+    if (h >= QH) {
+        return;
+    }
+    let b = base + h * P.splits * (HEAD_DIM + 2u);
+    for (var e = 0u; e < DL; e++) {
+        var x = acc[h * DL + e];
+        if (V_DTYPE == 2u) {
+            x += accm[h * 4u + e / V_GROUP];
+        }
+        partial[b + 2u + lane * DL + e] = x;
+    }
+    if (lane == 0u) {
+        partial[b] = m;
+        partial[b + 1u] = l;
+    }
+}
+
+@compute @workgroup_size(8)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let split = wid.x;
+    let kvh = wid.y / (P.ratio / QH);
+    let h0 = wid.y * QH; // first q head of this workgroup
+    let item = P.work_offset + 2u * wid.z;
+    let seq = work[item];
+    let kv_len = work[4u * seq];
+    let table_offset = work[4u * seq + 1u];
+    let qrow = work[4u * seq + 2u];
+    let pos = kv_len - 1u;
+
+    var lo = 0u;
+    if (P.window > 0u && pos + 1u > P.window) {
+        lo = pos + 1u - P.window;
+    }
+    let begin = lo + split * P.split_len;
+    let end = min(begin + P.split_len, kv_len);
+
+    // Stage q (rotated like the K pool, then scaled) and move it into registers.
+    for (var i = lane; i < QH * HEAD_DIM; i += LANES) {
+        q_sh[i] = q[(qrow * P.q_heads + h0) * HEAD_DIM + i];
+    }
+    workgroupBarrier();
+    if (ROTATE_Q == 1u) {
+        for (var h = 1u; h < HEAD_DIM; h *= 2u) {
+            for (var i = lane; i < QH * HEAD_DIM / 2u; i += LANES) {
+                let j = (i / h) * 2u * h + i % h;
+                let a = q_sh[j];
+                let b = q_sh[j + h];
+                q_sh[j] = a + b;
+                q_sh[j + h] = a - b;
+            }
+            workgroupBarrier();
+        }
+    }
+    var qscale = P.scale;
+    if (ROTATE_Q == 1u) {
+        qscale *= bitcast<f32>(NORM_BITS);
+    }
+    for (var i = lane; i < QH * HEAD_DIM; i += LANES) {
+        q_sh[i] *= qscale;
+    }
+    workgroupBarrier();
+    load_q(0u); load_q(8u); load_q(16u); load_q(24u);
+    if (K_DTYPE == 2u) {
+        sum_q(0u); sum_q(8u); sum_q(16u); sum_q(24u);
+    }
+
+    var ma = vec4<f32>(-3.0e38);
+    var mb = vec4<f32>(-3.0e38);
+    var la = vec4<f32>(0.0);
+    var lb = vec4<f32>(0.0);
+    for (var t0 = begin; t0 < end; t0 += LANES) {
+        let t = t0 + lane;
+        let valid = t < end;
+        let row = kv_addr(table_offset, kvh, min(t, end - 1u));
+        qk(row);
+        var sa = vec4<f32>(s[0], s[1], s[2], s[3]);
+        var sb = vec4<f32>(s[4], s[5], s[6], s[7]);
+        if (P.softcap > 0.0) {
+            sa = P.softcap * tanh(sa / P.softcap);
+            sb = P.softcap * tanh(sb / P.softcap);
+        }
+        sa = select(vec4<f32>(-3.0e38), sa, valid);
+        sb = select(vec4<f32>(-3.0e38), sb, valid);
+        let na = max(ma, subgroupMax(sa));
+        var nb = mb;
+        if (QH > 4u) {
+            nb = max(mb, subgroupMax(sb));
+        }
+        let pa = select(vec4<f32>(0.0), exp(sa - na), valid);
+        var pb = vec4<f32>(0.0);
+        if (QH > 4u) {
+            pb = select(vec4<f32>(0.0), exp(sb - nb), valid);
+        }
+        if (any(na != ma) || any(nb != mb)) {
+            let ca = exp(ma - na);
+            let cb = exp(mb - nb);
+            la *= ca;
+            lb *= cb;
+            rescale_head(0u, ca.x); rescale_head(1u, ca.y); rescale_head(2u, ca.z); rescale_head(3u, ca.w);
+            rescale_head(4u, cb.x); rescale_head(5u, cb.y); rescale_head(6u, cb.z); rescale_head(7u, cb.w);
+            ma = na;
+            mb = nb;
+        }
+        la += pa;
+        lb += pb;
+        pv(subgroupBroadcast(row, 0u), lane, subgroupBroadcast(pa, 0u), subgroupBroadcast(pb, 0u));
+        pv(subgroupBroadcast(row, 1u), lane, subgroupBroadcast(pa, 1u), subgroupBroadcast(pb, 1u));
+        pv(subgroupBroadcast(row, 2u), lane, subgroupBroadcast(pa, 2u), subgroupBroadcast(pb, 2u));
+        pv(subgroupBroadcast(row, 3u), lane, subgroupBroadcast(pa, 3u), subgroupBroadcast(pb, 3u));
+        pv(subgroupBroadcast(row, 4u), lane, subgroupBroadcast(pa, 4u), subgroupBroadcast(pb, 4u));
+        pv(subgroupBroadcast(row, 5u), lane, subgroupBroadcast(pa, 5u), subgroupBroadcast(pb, 5u));
+        pv(subgroupBroadcast(row, 6u), lane, subgroupBroadcast(pa, 6u), subgroupBroadcast(pb, 6u));
+        pv(subgroupBroadcast(row, 7u), lane, subgroupBroadcast(pa, 7u), subgroupBroadcast(pb, 7u));
+    }
+
+    // Partial (max, sum, acc) of each head for this split.
+    let sa = subgroupAdd(la);
+    let sb = subgroupAdd(lb);
+    let base = ((qrow * P.q_heads + h0) * P.splits + split) * (HEAD_DIM + 2u);
+    write_head(0u, base, lane, ma.x, sa.x); write_head(1u, base, lane, ma.y, sa.y);
+    write_head(2u, base, lane, ma.z, sa.z); write_head(3u, base, lane, ma.w, sa.w);
+    write_head(4u, base, lane, mb.x, sb.x); write_head(5u, base, lane, mb.y, sb.y);
+    write_head(6u, base, lane, mb.z, sb.z); write_head(7u, base, lane, mb.w, sb.w);
+}
