@@ -157,9 +157,14 @@ fn int4_word(d: u32, word: u32, side: u32) {
 }
 
 // Chunk c (one vec4 of the K row at `base`) into s.
-fn qk_chunk(base: u32, side: u32, c: u32) {
-    if (c >= K_CHUNKS) {
+fn qk_chunk(base: u32, side: u32, i: u32) {
+    if (i >= K_CHUNKS) {
         return;
+    }
+    var c = i;
+    if (K_DTYPE != 2u) {
+        let lines = max(K_CHUNKS / 4u, 1u);
+        c = (i % lines) * 4u + i / lines;
     }
     let w = k_data[base + c];
     if (K_DTYPE == 0u) {
@@ -402,16 +407,18 @@ fn main(
         if (QH > 4u) {
             pb = select(vec4<f32>(0.0), exp(sb - nb), valid);
         }
-        if (any(na != ma) || any(nb != mb)) {
-            let ca = exp(ma - na);
-            let cb = exp(mb - nb);
-            la *= ca;
-            lb *= cb;
-            rescale_head(0u, ca.x); rescale_head(1u, ca.y); rescale_head(2u, ca.z); rescale_head(3u, ca.w);
-            rescale_head(4u, cb.x); rescale_head(5u, cb.y); rescale_head(6u, cb.z); rescale_head(7u, cb.w);
-            ma = na;
-            mb = nb;
+        // Unconditional: skipping it when no max moved measured no faster.
+        let ca = exp(ma - na);
+        var cb = vec4<f32>(1.0);
+        if (QH > 4u) {
+            cb = exp(mb - nb);
         }
+        la *= ca;
+        lb *= cb;
+        rescale_head(0u, ca.x); rescale_head(1u, ca.y); rescale_head(2u, ca.z); rescale_head(3u, ca.w);
+        rescale_head(4u, cb.x); rescale_head(5u, cb.y); rescale_head(6u, cb.z); rescale_head(7u, cb.w);
+        ma = na;
+        mb = nb;
         la += pa;
         lb += pb;
         pv(subgroupBroadcast(row, 0u), lane, subgroupBroadcast(pa, 0u), subgroupBroadcast(pb, 0u));
