@@ -36,7 +36,7 @@ struct AttnParams {
 @group(0) @binding(3) var<storage, read> tables: array<u32>;
 @group(0) @binding(4) var<storage, read> k_data: array<vec4<u32>>;
 @group(0) @binding(5) var<storage, read> k_side: array<u32>;
-@group(0) @binding(6) var<storage, read> v_data: array<u32>;
+@group(0) @binding(6) var<storage, read> v_data: array<vec4<u32>>;
 @group(0) @binding(7) var<storage, read> v_side: array<u32>;
 @group(0) @binding(8) var<storage, read_write> partial: array<f32>; // [queries, q_heads, splits, HEAD_DIM + 2]
 
@@ -227,12 +227,8 @@ fn axpy4(e: u32, x: vec4<f32>, f: f32) {
     }
 }
 
-// Word w of this lane's slice of V row `row`.
-fn pv_word(row: u32, lane: u32, w: u32, f: vec2<f32>) {
-    if (w >= V_WORDS) {
-        return;
-    }
-    let word = v_data[row * (HEAD_DIM / (2u << V_DTYPE)) + lane * V_WORDS + w];
+// Word w of this lane's V slice, holding dims w * (32 / bits) onwards.
+fn pv_word(w: u32, word: u32, f: vec2<f32>) {
     if (V_DTYPE == 0u) {
         axpy2(2u * w, unpack2x16float(word));
     } else if (V_DTYPE == 1u) {
@@ -243,8 +239,8 @@ fn pv_word(row: u32, lane: u32, w: u32, f: vec2<f32>) {
     }
 }
 
-// Int4 V factors (scale, min) of word w of this lane's slice; the min part goes
-// to accm once per group.
+// V factors of word w of this lane's slice: (scale, 0) for Int8, (scale, min)
+// for Int4, whose min part goes to accm once per group.
 fn v_factors(row: u32, lane: u32, w: u32) -> vec2<f32> {
     if (V_DTYPE == 1u) {
         return vec2<f32>(bitcast<f32>(v_side[row]), 0.0);
@@ -261,39 +257,44 @@ fn v_factors(row: u32, lane: u32, w: u32) -> vec2<f32> {
     return f;
 }
 
-fn pv_group_word(row: u32, lane: u32, w: u32, f: vec2<f32>) -> vec2<f32> {
+// Word w (of the vec4 x, from component o) with its group's factors, fetched
+// when the word starts a group; returns the factors in force.
+fn pv_group_word(row: u32, lane: u32, w: u32, x: vec4<u32>, o: u32, f: vec2<f32>) -> vec2<f32> {
     if (w >= V_WORDS) {
         return f;
     }
     var g = f;
-    if (V_DTYPE == 2u && (8u * w) % V_GROUP == 0u) {
+    if (w == 0u || (V_DTYPE == 2u && (8u * w) % V_GROUP == 0u)) {
         g = v_factors(row, lane, w);
     }
-    pv_word(row, lane, w, g);
+    pv_word(w, x[min(o + w % 4u, 3u)], g);
     return g;
+}
+
+// Words 4j..4j+3 of this lane's slice of V row `row`, from one vec4 load (four
+// words cost one per-lane address where four u32 loads cost four). A slice of one
+// or two words takes them out of the vec4 it shares with other lanes.
+fn pv_quad(row: u32, lane: u32, j: u32, f: vec2<f32>) -> vec2<f32> {
+    if (4u * j >= V_WORDS) {
+        return f;
+    }
+    let first = lane * V_WORDS + 4u * j;
+    let x = v_data[row * (HEAD_DIM / (8u << V_DTYPE)) + first / 4u];
+    let o = select(first % 4u, 0u, V_WORDS % 4u == 0u);
+    var g = pv_group_word(row, lane, 4u * j, x, o, f);
+    g = pv_group_word(row, lane, 4u * j + 1u, x, o, g);
+    g = pv_group_word(row, lane, 4u * j + 2u, x, o, g);
+    return pv_group_word(row, lane, 4u * j + 3u, x, o, g);
 }
 
 // Adds the key broadcast from one lane: its pool row and weights (pa: heads 0-3,
 // pb: heads 4-7).
 fn pv(row: u32, lane: u32, pa: vec4<f32>, pb: vec4<f32>) {
     pw = array<f32, 8>(pa.x, pa.y, pa.z, pa.w, pb.x, pb.y, pb.z, pb.w);
-    var f = v_factors(row, lane, 0u);
-    pv_word(row, lane, 0u, f);
-    f = pv_group_word(row, lane, 1u, f);
-    f = pv_group_word(row, lane, 2u, f);
-    f = pv_group_word(row, lane, 3u, f);
-    f = pv_group_word(row, lane, 4u, f);
-    f = pv_group_word(row, lane, 5u, f);
-    f = pv_group_word(row, lane, 6u, f);
-    f = pv_group_word(row, lane, 7u, f);
-    f = pv_group_word(row, lane, 8u, f);
-    f = pv_group_word(row, lane, 9u, f);
-    f = pv_group_word(row, lane, 10u, f);
-    f = pv_group_word(row, lane, 11u, f);
-    f = pv_group_word(row, lane, 12u, f);
-    f = pv_group_word(row, lane, 13u, f);
-    f = pv_group_word(row, lane, 14u, f);
-    f = pv_group_word(row, lane, 15u, f);
+    var f = pv_quad(row, lane, 0u, vec2<f32>(1.0, 0.0));
+    f = pv_quad(row, lane, 1u, f);
+    f = pv_quad(row, lane, 2u, f);
+    f = pv_quad(row, lane, 3u, f);
 }
 
 // ---- running softmax ------------------------------------------------------------

@@ -35,13 +35,16 @@ pub fn lanes_decode(adapter: &wgpu::AdapterInfo, features: wgpu::Features) -> bo
 /// Invocations of `attention_lanes.wgsl`'s workgroup, one subgroup.
 const LANES: u32 = 8;
 
-/// Pools `attention_lanes.wgsl` takes: each lane's share of the head dims is
-/// whole words of every dtype, and an Int4 V group neither straddles lanes nor
-/// splits a lane unevenly.
+/// Pools `attention_lanes.wgsl` takes: each lane's share of a V row is one or two
+/// words or whole vec4s, and an Int4 V group neither straddles lanes nor splits a
+/// lane unevenly.
 pub fn lanes_fit(k: &PoolLayout, v: &PoolLayout) -> bool {
     let per_lane = k.head_dim / LANES as usize;
+    let lane_words = v.words_per_head() / LANES as usize;
     let v_group = v.dtype.group() as usize;
-    k.head_dim % 64 == 0 && (v_group == 0 || v_group % per_lane == 0 || per_lane % v_group == 0)
+    k.head_dim % 64 == 0
+        && (lane_words <= 2 || lane_words % 4 == 0)
+        && (v_group == 0 || v_group % per_lane == 0 || per_lane % v_group == 0)
 }
 
 /// Causal prefill: several query positions per workgroup, keys not split.
