@@ -7,28 +7,6 @@
 // With a rotated K pool, q is rotated here; attn_reduce.wgsl rotates the output back.
 // CPU twin: src/cpu/attention.rs.
 
-struct AttnParams {
-    kv_heads: u32,
-    block_size: u32,
-    q_heads: u32,
-    ratio: u32,      // q heads per kv head
-    splits: u32,     // key splits per row block
-    split_len: u32,  // keys per split (multiple of TILE)
-    window: u32,     // 0: off
-    work_offset: u32, // where work items start in `work`
-    scale: f32,
-    softcap: f32,    // 0: off
-    _pad0: u32,
-    _pad1: u32,
-}
-
-struct SeqInfo {
-    kv_len: u32,
-    table_offset: u32,
-    q_offset: u32,
-    q_len: u32,
-}
-
 @group(0) @binding(0) var<uniform> P: AttnParams;
 @group(0) @binding(1) var<storage, read> q: array<f32>;        // [queries, q_heads, HEAD_DIM]
 @group(0) @binding(2) var<storage, read> work: array<u32>;     // SeqInfo per seq, then work items

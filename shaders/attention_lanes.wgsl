@@ -15,21 +15,6 @@
 // loops over them are unrolled by calls with literal arguments (every call is
 // inlined, and calls past the head size fold away).
 
-struct AttnParams {
-    kv_heads: u32,
-    block_size: u32,
-    q_heads: u32,
-    ratio: u32,      // q heads per kv head
-    splits: u32,     // key splits per row block
-    split_len: u32,  // keys per split (multiple of LANES)
-    window: u32,     // 0: off
-    work_offset: u32, // where work items start in `work`
-    scale: f32,
-    softcap: f32,    // 0: off
-    _pad0: u32,
-    _pad1: u32,
-}
-
 @group(0) @binding(0) var<uniform> P: AttnParams;
 @group(0) @binding(1) var<storage, read> q: array<f32>;          // [queries, q_heads, HEAD_DIM]
 @group(0) @binding(2) var<storage, read> work: array<u32>;       // SeqInfo per seq, then work items
@@ -42,7 +27,7 @@ struct AttnParams {
 
 override K_DTYPE: u32 = 1u; // 0 F16, 1 Int8, 2 Int4
 override V_DTYPE: u32 = 1u;
-override HEAD_DIM: u32 = 128u; // a multiple of 32, at most 256
+override HEAD_DIM: u32 = 128u; // a multiple of 64, at most 256 (lanes_fit)
 override K_GROUP: u32 = 32u;
 override V_GROUP: u32 = 32u;
 override QH: u32 = 4u; // q heads per workgroup, at most 8
