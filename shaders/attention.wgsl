@@ -208,28 +208,7 @@ fn main(
         m_sh[lid] = -3.0e38;
         pos_sh[lid] = pos0 + min(lid / QH, nq - 1u);
     }
-    workgroupBarrier();
-    if (ROTATE_Q == 1u) {
-        // The K pool holds rotated keys: rotate q the same way (src/quant/rotation.rs).
-        for (var h = 1u; h < HEAD_DIM; h *= 2u) {
-            for (var i = lid; i < n_rows * HEAD_DIM / 2u; i += WG) {
-                let j = (i / h) * 2u * h + i % h;
-                let a = q_sh[j];
-                let b = q_sh[j + h];
-                q_sh[j] = a + b;
-                q_sh[j + h] = a - b;
-            }
-            workgroupBarrier();
-        }
-    }
-    for (var i = lid; i < n_rows * HEAD_DIM; i += WG) {
-        var x = q_sh[i];
-        if (ROTATE_Q == 1u) {
-            x *= bitcast<f32>(NORM_BITS);
-        }
-        q_sh[i] = x * P.scale;
-    }
-    workgroupBarrier();
+    prepare_q(n_rows, lid, WG);
     if (K_DTYPE == 2u) {
         let groups = HEAD_DIM / K_GROUP;
         for (var i = lid; i < n_rows * groups; i += WG) {

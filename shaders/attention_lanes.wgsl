@@ -340,27 +340,7 @@ fn main(
     for (var i = lane; i < QH * HEAD_DIM; i += LANES) {
         q_sh[i] = q[(qrow * P.q_heads + h0) * HEAD_DIM + i];
     }
-    workgroupBarrier();
-    if (ROTATE_Q == 1u) {
-        for (var h = 1u; h < HEAD_DIM; h *= 2u) {
-            for (var i = lane; i < QH * HEAD_DIM / 2u; i += LANES) {
-                let j = (i / h) * 2u * h + i % h;
-                let a = q_sh[j];
-                let b = q_sh[j + h];
-                q_sh[j] = a + b;
-                q_sh[j + h] = a - b;
-            }
-            workgroupBarrier();
-        }
-    }
-    var qscale = P.scale;
-    if (ROTATE_Q == 1u) {
-        qscale *= bitcast<f32>(NORM_BITS);
-    }
-    for (var i = lane; i < QH * HEAD_DIM; i += LANES) {
-        q_sh[i] *= qscale;
-    }
-    workgroupBarrier();
+    prepare_q(QH, lane, LANES);
     load_q(0u); load_q(8u); load_q(16u); load_q(24u);
     if (K_DTYPE == 2u) {
         sum_q(0u); sum_q(8u); sum_q(16u); sum_q(24u);

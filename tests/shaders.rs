@@ -76,7 +76,7 @@ fn every_file_in_shaders_is_a_kernel_or_a_prelude() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
     for entry in std::fs::read_dir(dir).unwrap() {
         let name = entry.unwrap().file_name().into_string().unwrap();
-        if name.ends_with(".wgsl") && name != "common.wgsl" && name != "attn_params.wgsl" {
+        if name.ends_with(".wgsl") && name != "common.wgsl" && name != "attn_common.wgsl" {
             assert!(
                 Kernel::ALL.iter().any(|k| k.file() == name),
                 "{name} is not registered in Kernel::ALL"

@@ -1,13 +1,13 @@
 //! WGSL sources: each kernel in `shaders/` is loaded with `shaders/common.wgsl`
-//! (and, for attention, `shaders/attn_params.wgsl`) prepended. Every kernel, with
+//! (and, for attention, `shaders/attn_common.wgsl`) prepended. Every kernel, with
 //! every specialisation kvq dispatches, goes through naga in the tests.
 
 use crate::{Error, Result};
 
 /// Shared helpers prepended to every kernel.
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
-/// Parameter structs prepended to both attention kernels.
-const ATTN_PARAMS: &str = include_str!("../../shaders/attn_params.wgsl");
+/// Parameters and q preparation, prepended to both attention kernels.
+const ATTN_COMMON: &str = include_str!("../../shaders/attn_common.wgsl");
 
 /// A compute kernel: one WGSL file with one `main` entry point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -61,12 +61,12 @@ impl Kernel {
         }
     }
 
-    /// The full source: common helpers, the attention parameters where the kernel
-    /// is an attention kernel, then the kernel. (Naga 30 takes subgroup built-ins
+    /// The full source: common helpers, `attn_common.wgsl` where the kernel is an
+    /// attention kernel, then the kernel. (Naga 30 takes subgroup built-ins
     /// without `enable subgroups;`; it rejects the directive.)
     pub fn source(self) -> String {
         let params = match self {
-            Kernel::Attention | Kernel::AttentionLanes => ATTN_PARAMS,
+            Kernel::Attention | Kernel::AttentionLanes => ATTN_COMMON,
             _ => "",
         };
         format!("{COMMON}\n{params}\n{}", self.body())
