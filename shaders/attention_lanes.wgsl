@@ -1,14 +1,15 @@
-// Decode attention for adapters whose subgroup is the lanes of a CPU SIMD register
-// (llvmpipe). Same bindings, parameters and partial layout as attention.wgsl with
-// QB = 1; attn_reduce.wgsl combines the splits. CPU twin: src/cpu/attention.rs.
+// Attention for adapters whose subgroup is the lanes of a CPU SIMD register
+// (llvmpipe): decode (QB = 1) and causal prefill (QB > 1). Same bindings,
+// parameters, work items and partial layout as attention.wgsl; attn_reduce.wgsl
+// combines the splits. CPU twin: src/cpu/attention.rs.
 //
 // On such an adapter a load whose address is not uniform is split into one scalar
 // load per lane, and a loop counter is never uniform, so attention.wgsl's reads of
 // q from workgroup memory inside its key loop cost the same per-lane work as its K
 // reads, eight times over. Here a workgroup is one subgroup of LANES invocations
 // and each step takes LANES keys:
-// * q . k: lane i takes key i, with q in registers (the same in every lane), so
-//   the only per-lane loads are the key's own bytes;
+// * q . k: lane i takes key i, with the ROWS q rows in registers (the same in
+//   every lane), so the only per-lane loads are the key's own bytes;
 // * p . V: lane i takes output dims [i * DL, (i + 1) * DL) and the keys' weights
 //   and pool rows are broadcast to it one key at a time.
 // Register arrays must be indexed by constants, or they live in per-lane memory:
@@ -30,7 +31,9 @@ override V_DTYPE: u32 = 1u;
 override HEAD_DIM: u32 = 128u; // a multiple of 64, at most 256 (lanes_fit)
 override K_GROUP: u32 = 32u;
 override V_GROUP: u32 = 32u;
-override QH: u32 = 4u; // q heads per workgroup, at most 8
+override QH: u32 = 4u; // q heads per workgroup
+override QB: u32 = 1u; // query positions per workgroup (decode: 1)
+override ROWS: u32 = QH * QB; // query rows (position b, head j) at b * QH + j; at most 8
 override BLOCK_SIZE: u32 = 16u;
 override ROTATE_Q: u32 = 0u; // 1: the K pool is Walsh–Hadamard rotated
 override NORM_BITS: u32 = 0x3f800000u; // f32 bits of 1/sqrt(HEAD_DIM)
@@ -40,15 +43,15 @@ override DL: u32 = HEAD_DIM / LANES; // output dims per lane
 override K_CHUNKS: u32 = HEAD_DIM / (8u << K_DTYPE); // vec4 words per K row
 override V_WORDS: u32 = DL / (2u << V_DTYPE); // words of V per lane and row
 
-var<workgroup> q_sh: array<f32, 2048>;  // QH rows of q while they are staged
+var<workgroup> q_sh: array<f32, 2048>;  // the ROWS q rows while they are staged
 
-var<private> qv: array<f32, 2048>;     // q[h * HEAD_DIM + d], scaled (and rotated)
-var<private> qsum: array<f32, 256>;    // Int4 K: q summed over key group g, [h * 32 + g]
-var<private> s: array<f32, 8>;         // q . k of this lane's key, per head
+var<private> qv: array<f32, 2048>;     // q[r * HEAD_DIM + d], scaled (and rotated)
+var<private> qsum: array<f32, 256>;    // Int4 K: q summed over key group g, [r * 32 + g]
+var<private> s: array<f32, 8>;         // q . k of this lane's key, per row
 var<private> gdot: array<f32, 8>;      // Int4 K: q . codes within the current group
-var<private> acc: array<f32, 256>;     // sum p * V over this lane's dims, [h * DL + e]
-var<private> accm: array<f32, 32>;     // Int4 V: sum p * min per head and group, [h * 4 + g]
-var<private> pw: array<f32, 8>;        // weight of the broadcast key, per head
+var<private> acc: array<f32, 256>;     // sum p * V over this lane's dims, [r * DL + e]
+var<private> accm: array<f32, 32>;     // Int4 V: sum p * min per row and group, [r * 4 + g]
+var<private> pw: array<f32, 8>;        // weight of the broadcast key, per row
 
 fn kv_addr(table_offset: u32, kvh: u32, t: u32) -> u32 {
     let b = tables[table_offset + t / BLOCK_SIZE];
@@ -61,9 +64,9 @@ fn load_q8(c: u32) {
     if (c * 8u >= HEAD_DIM) {
         return;
     }
-    for (var h = 0u; h < QH; h++) {
+    for (var r = 0u; r < ROWS; r++) {
         for (var e = 0u; e < 8u; e++) {
-            qv[h * HEAD_DIM + c * 8u + e] = q_sh[h * HEAD_DIM + c * 8u + e];
+            qv[r * HEAD_DIM + c * 8u + e] = q_sh[r * HEAD_DIM + c * 8u + e];
         }
     }
 }
@@ -79,15 +82,15 @@ fn sum_q8(c: u32) {
         return;
     }
     let g = c * 8u / K_GROUP;
-    for (var h = 0u; h < QH; h++) {
+    for (var r = 0u; r < ROWS; r++) {
         var x = 0.0;
         for (var e = 0u; e < 8u; e++) {
-            x += qv[h * HEAD_DIM + c * 8u + e];
+            x += qv[r * HEAD_DIM + c * 8u + e];
         }
         if ((c * 8u) % K_GROUP == 0u) {
-            qsum[h * 32u + g] = x;
+            qsum[r * 32u + g] = x;
         } else {
-            qsum[h * 32u + g] += x;
+            qsum[r * 32u + g] += x;
         }
     }
 }
@@ -99,11 +102,11 @@ fn sum_q(c0: u32) {
 
 // ---- q . k for this lane's key --------------------------------------------------
 
-// s[h] += q[h][d..d+8] . x
+// s[r] += q[r][d..d+8] . x
 fn dot8(d: u32, x0: vec4<f32>, x1: vec4<f32>) {
-    for (var h = 0u; h < QH; h++) {
-        let o = h * HEAD_DIM + d;
-        s[h] += dot(vec4<f32>(qv[o], qv[o + 1u], qv[o + 2u], qv[o + 3u]), x0)
+    for (var r = 0u; r < ROWS; r++) {
+        let o = r * HEAD_DIM + d;
+        s[r] += dot(vec4<f32>(qv[o], qv[o + 1u], qv[o + 2u], qv[o + 3u]), x0)
               + dot(vec4<f32>(qv[o + 4u], qv[o + 5u], qv[o + 6u], qv[o + 7u]), x1);
     }
 }
@@ -121,22 +124,22 @@ fn int4_codes(word: u32, shift: u32) -> vec4<f32> {
 // group into s when the word is its last.
 fn int4_word(d: u32, word: u32, side: u32) {
     if (d % K_GROUP == 0u) {
-        for (var h = 0u; h < QH; h++) {
-            gdot[h] = 0.0;
+        for (var r = 0u; r < ROWS; r++) {
+            gdot[r] = 0.0;
         }
     }
     let x0 = int4_codes(word, 0u);
     let x1 = int4_codes(word, 16u);
-    for (var h = 0u; h < QH; h++) {
-        let o = h * HEAD_DIM + d;
-        gdot[h] += dot(vec4<f32>(qv[o], qv[o + 1u], qv[o + 2u], qv[o + 3u]), x0)
+    for (var r = 0u; r < ROWS; r++) {
+        let o = r * HEAD_DIM + d;
+        gdot[r] += dot(vec4<f32>(qv[o], qv[o + 1u], qv[o + 2u], qv[o + 3u]), x0)
                  + dot(vec4<f32>(qv[o + 4u], qv[o + 5u], qv[o + 6u], qv[o + 7u]), x1);
     }
     if ((d + 8u) % K_GROUP == 0u) {
         let g = d / K_GROUP;
         let f = unpack2x16float(k_side[side + g]); // (scale, min)
-        for (var h = 0u; h < QH; h++) {
-            s[h] += f.x * gdot[h] + f.y * qsum[h * 32u + g];
+        for (var r = 0u; r < ROWS; r++) {
+            s[r] += f.x * gdot[r] + f.y * qsum[r * 32u + g];
         }
     }
 }
@@ -173,10 +176,10 @@ fn qk_chunks(base: u32, side: u32, c0: u32) {
     qk_chunk(base, side, c0 + 6u); qk_chunk(base, side, c0 + 7u);
 }
 
-// Scaled q . k of the key in pool row `row`, per head, into s.
+// Scaled q . k of the key in pool row `row`, per query row, into s.
 fn qk(row: u32) {
-    for (var h = 0u; h < 8u; h++) {
-        s[h] = 0.0;
+    for (var r = 0u; r < 8u; r++) {
+        s[r] = 0.0;
     }
     let base = row * K_CHUNKS;
     let side = row * (HEAD_DIM / K_GROUP);
@@ -186,29 +189,29 @@ fn qk(row: u32) {
     qk_chunks(base, side, 24u);
     if (K_DTYPE == 1u) {
         let scale = bitcast<f32>(k_side[row]);
-        for (var h = 0u; h < QH; h++) {
-            s[h] *= scale;
+        for (var r = 0u; r < ROWS; r++) {
+            s[r] *= scale;
         }
     }
 }
 
 // ---- p . V over this lane's dims --------------------------------------------------
 
-// acc[h][e..e+n] += pw[h] * x
+// acc[r][e..e+n] += pw[r] * x
 fn axpy2(e: u32, x: vec2<f32>) {
-    for (var h = 0u; h < QH; h++) {
-        acc[h * DL + e] += pw[h] * x.x;
-        acc[h * DL + e + 1u] += pw[h] * x.y;
+    for (var r = 0u; r < ROWS; r++) {
+        acc[r * DL + e] += pw[r] * x.x;
+        acc[r * DL + e + 1u] += pw[r] * x.y;
     }
 }
 
 fn axpy4(e: u32, x: vec4<f32>, f: f32) {
-    for (var h = 0u; h < QH; h++) {
-        let p = pw[h] * f;
-        acc[h * DL + e] += p * x.x;
-        acc[h * DL + e + 1u] += p * x.y;
-        acc[h * DL + e + 2u] += p * x.z;
-        acc[h * DL + e + 3u] += p * x.w;
+    for (var r = 0u; r < ROWS; r++) {
+        let p = pw[r] * f;
+        acc[r * DL + e] += p * x.x;
+        acc[r * DL + e + 1u] += p * x.y;
+        acc[r * DL + e + 2u] += p * x.z;
+        acc[r * DL + e + 3u] += p * x.w;
     }
 }
 
@@ -236,8 +239,8 @@ fn v_factors(row: u32, lane: u32, w: u32) -> vec2<f32> {
     let d = lane * DL + 8u * w;
     let f = unpack2x16float(v_side[row * (HEAD_DIM / V_GROUP) + d / V_GROUP]);
     let g = (8u * w) / V_GROUP; // group within the lane's slice (V_GROUP >= DL: 0)
-    for (var h = 0u; h < QH; h++) {
-        accm[h * 4u + g] += pw[h] * f.y;
+    for (var r = 0u; r < ROWS; r++) {
+        accm[r * 4u + g] += pw[r] * f.y;
     }
     return f;
 }
@@ -272,8 +275,8 @@ fn pv_quad(row: u32, lane: u32, j: u32, f: vec2<f32>) -> vec2<f32> {
     return pv_group_word(row, lane, 4u * j + 3u, x, o, g);
 }
 
-// Adds the key broadcast from one lane: its pool row and weights (pa: heads 0-3,
-// pb: heads 4-7).
+// Adds the key broadcast from one lane: its pool row and weights (pa: rows 0-3,
+// pb: rows 4-7).
 fn pv(row: u32, lane: u32, pa: vec4<f32>, pb: vec4<f32>) {
     pw = array<f32, 8>(pa.x, pa.y, pa.z, pa.w, pb.x, pb.y, pb.z, pb.w);
     var f = pv_quad(row, lane, 0u, vec2<f32>(1.0, 0.0));
@@ -284,27 +287,29 @@ fn pv(row: u32, lane: u32, pa: vec4<f32>, pb: vec4<f32>) {
 
 // ---- running softmax ------------------------------------------------------------
 
-fn rescale_head(h: u32, c: f32) {
-    if (h >= QH) {
+fn rescale_row(r: u32, c: f32) {
+    if (r >= ROWS) {
         return;
     }
     for (var e = 0u; e < DL; e++) {
-        acc[h * DL + e] *= c;
+        acc[r * DL + e] *= c;
     }
     for (var g = 0u; g < 4u; g++) {
-        accm[h * 4u + g] *= c;
+        accm[r * 4u + g] *= c;
     }
 }
 
-fn write_head(h: u32, base: u32, lane: u32, m: f32, l: f32) {
-    if (h >= QH) {
+// Writes row r's partial: its query q0 + r / QH (if the workgroup has it), head
+// h0 + r % QH.
+fn write_row(r: u32, q0: u32, nq: u32, h0: u32, split: u32, lane: u32, m: f32, l: f32) {
+    if (r >= ROWS || r / QH >= nq) {
         return;
     }
-    let b = base + h * P.splits * (HEAD_DIM + 2u);
+    let b = (((q0 + r / QH) * P.q_heads + h0 + r % QH) * P.splits + split) * (HEAD_DIM + 2u);
     for (var e = 0u; e < DL; e++) {
-        var x = acc[h * DL + e];
+        var x = acc[r * DL + e];
         if (V_DTYPE == 2u) {
-            x += accm[h * 4u + e / V_GROUP];
+            x += accm[r * 4u + e / V_GROUP];
         }
         partial[b + 2u + lane * DL + e] = x;
     }
@@ -312,6 +317,14 @@ fn write_head(h: u32, base: u32, lane: u32, m: f32, l: f32) {
         partial[b] = m;
         partial[b + 1u] = l;
     }
+}
+
+// Which of four rows (query positions pos) see key t of a split ending at end:
+// causal, and within the sliding window.
+fn visible(t: u32, end: u32, pos: vec4<u32>) -> vec4<bool> {
+    let causal = vec4<u32>(t) <= pos;
+    let in_window = vec4<bool>(P.window == 0u) | (vec4<u32>(t + P.window) > pos);
+    return causal & in_window & vec4<bool>(t < end);
 }
 
 @compute @workgroup_size(8)
@@ -324,23 +337,30 @@ fn main(
     let h0 = wid.y * QH; // first q head of this workgroup
     let item = P.work_offset + 2u * wid.z;
     let seq = work[item];
-    let kv_len = work[4u * seq];
-    let table_offset = work[4u * seq + 1u];
-    let qrow = work[4u * seq + 2u];
-    let pos = kv_len - 1u;
+    let first_q = work[item + 1u]; // index of the first query within the sequence
+    let info = SeqInfo(work[4u * seq], work[4u * seq + 1u], work[4u * seq + 2u], work[4u * seq + 3u]);
+    let nq = min(QB, info.q_len - first_q);
+    let pos0 = info.kv_len - info.q_len + first_q;
+    let last_pos = pos0 + nq - 1u;
 
+    // Keys this workgroup may need: [lo, last_pos], cut into splits.
     var lo = 0u;
-    if (P.window > 0u && pos + 1u > P.window) {
-        lo = pos + 1u - P.window;
+    if (P.window > 0u && pos0 + 1u > P.window) {
+        lo = pos0 + 1u - P.window;
     }
     let begin = lo + split * P.split_len;
-    let end = min(begin + P.split_len, kv_len);
+    let end = min(begin + P.split_len, last_pos + 1u);
 
     // Stage q (rotated like the K pool, then scaled) and move it into registers.
-    for (var i = lane; i < QH * HEAD_DIM; i += LANES) {
-        q_sh[i] = q[(qrow * P.q_heads + h0) * HEAD_DIM + i];
+    for (var i = lane; i < ROWS * HEAD_DIM; i += LANES) {
+        let r = i / HEAD_DIM;
+        let qrow = info.q_offset + first_q + min(r / QH, nq - 1u);
+        q_sh[i] = q[(qrow * P.q_heads + h0 + r % QH) * HEAD_DIM + i % HEAD_DIM];
     }
-    prepare_q(QH, lane, LANES);
+    prepare_q(ROWS, lane, LANES);
+    // Position of each row's query: a key t is visible to row r if t <= pos[r].
+    let pos_a = pos0 + min(vec4<u32>(0u, 1u, 2u, 3u) / QH, vec4<u32>(nq - 1u));
+    let pos_b = pos0 + min(vec4<u32>(4u, 5u, 6u, 7u) / QH, vec4<u32>(nq - 1u));
     load_q(0u); load_q(8u); load_q(16u); load_q(24u);
     if (K_DTYPE == 2u) {
         sum_q(0u); sum_q(8u); sum_q(16u); sum_q(24u);
@@ -352,8 +372,9 @@ fn main(
     var lb = vec4<f32>(0.0);
     for (var t0 = begin; t0 < end; t0 += LANES) {
         let t = t0 + lane;
-        let valid = t < end;
-        let row = kv_addr(table_offset, kvh, min(t, end - 1u));
+        let row = kv_addr(info.table_offset, kvh, min(t, end - 1u));
+        let va = visible(t, end, pos_a);
+        let vb = visible(t, end, pos_b);
         qk(row);
         var sa = vec4<f32>(s[0], s[1], s[2], s[3]);
         var sb = vec4<f32>(s[4], s[5], s[6], s[7]);
@@ -361,28 +382,28 @@ fn main(
             sa = P.softcap * tanh(sa / P.softcap);
             sb = P.softcap * tanh(sb / P.softcap);
         }
-        sa = select(vec4<f32>(-3.0e38), sa, valid);
-        sb = select(vec4<f32>(-3.0e38), sb, valid);
+        sa = select(vec4<f32>(-3.0e38), sa, va);
+        sb = select(vec4<f32>(-3.0e38), sb, vb);
         let na = max(ma, subgroupMax(sa));
         var nb = mb;
-        if (QH > 4u) {
+        if (ROWS > 4u) {
             nb = max(mb, subgroupMax(sb));
         }
-        let pa = select(vec4<f32>(0.0), exp(sa - na), valid);
+        let pa = select(vec4<f32>(0.0), exp(sa - na), va);
         var pb = vec4<f32>(0.0);
-        if (QH > 4u) {
-            pb = select(vec4<f32>(0.0), exp(sb - nb), valid);
+        if (ROWS > 4u) {
+            pb = select(vec4<f32>(0.0), exp(sb - nb), vb);
         }
         // Unconditional: skipping it when no max moved measured no faster.
         let ca = exp(ma - na);
         var cb = vec4<f32>(1.0);
-        if (QH > 4u) {
+        if (ROWS > 4u) {
             cb = exp(mb - nb);
         }
         la *= ca;
         lb *= cb;
-        rescale_head(0u, ca.x); rescale_head(1u, ca.y); rescale_head(2u, ca.z); rescale_head(3u, ca.w);
-        rescale_head(4u, cb.x); rescale_head(5u, cb.y); rescale_head(6u, cb.z); rescale_head(7u, cb.w);
+        rescale_row(0u, ca.x); rescale_row(1u, ca.y); rescale_row(2u, ca.z); rescale_row(3u, ca.w);
+        rescale_row(4u, cb.x); rescale_row(5u, cb.y); rescale_row(6u, cb.z); rescale_row(7u, cb.w);
         ma = na;
         mb = nb;
         la += pa;
@@ -397,12 +418,16 @@ fn main(
         pv(subgroupBroadcast(row, 7u), lane, subgroupBroadcast(pa, 7u), subgroupBroadcast(pb, 7u));
     }
 
-    // Partial (max, sum, acc) of each head for this split.
-    let sa = subgroupAdd(la);
-    let sb = subgroupAdd(lb);
-    let base = ((qrow * P.q_heads + h0) * P.splits + split) * (HEAD_DIM + 2u);
-    write_head(0u, base, lane, ma.x, sa.x); write_head(1u, base, lane, ma.y, sa.y);
-    write_head(2u, base, lane, ma.z, sa.z); write_head(3u, base, lane, ma.w, sa.w);
-    write_head(4u, base, lane, mb.x, sb.x); write_head(5u, base, lane, mb.y, sb.y);
-    write_head(6u, base, lane, mb.z, sb.z); write_head(7u, base, lane, mb.w, sb.w);
+    // Partial (max, sum, acc) of each row for this split.
+    let la_sum = subgroupAdd(la);
+    let lb_sum = subgroupAdd(lb);
+    let q0 = info.q_offset + first_q;
+    write_row(0u, q0, nq, h0, split, lane, ma.x, la_sum.x);
+    write_row(1u, q0, nq, h0, split, lane, ma.y, la_sum.y);
+    write_row(2u, q0, nq, h0, split, lane, ma.z, la_sum.z);
+    write_row(3u, q0, nq, h0, split, lane, ma.w, la_sum.w);
+    write_row(4u, q0, nq, h0, split, lane, mb.x, lb_sum.x);
+    write_row(5u, q0, nq, h0, split, lane, mb.y, lb_sum.y);
+    write_row(6u, q0, nq, h0, split, lane, mb.z, lb_sum.z);
+    write_row(7u, q0, nq, h0, split, lane, mb.w, lb_sum.w);
 }

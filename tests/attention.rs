@@ -115,10 +115,10 @@ fn decode_matches_reference_for_every_dtype_pair() {
     }
 }
 
-/// Both wgpu decode kernels on the GPU adapter: `attention_lanes.wgsl` (chosen on
-/// CPU adapters with subgroups, such as llvmpipe) and `attention.wgsl`.
+/// Both wgpu attention kernels on the GPU adapter: `attention_lanes.wgsl` (chosen
+/// on CPU adapters with subgroups, such as llvmpipe) and `attention.wgsl`.
 #[test]
-fn decode_both_wgpu_kernels_match_reference() {
+fn both_wgpu_kernels_match_reference() {
     let Some(gpu) = common::gpu() else { return };
     let open = || kvq::wgpu::WgpuBackend::open_named(&gpu.info().name).unwrap();
     let lanes = open();
@@ -136,6 +136,7 @@ fn decode_both_wgpu_kernels_match_reference() {
         let g8 = KvDtype::Int4 { group: 8 };
         check_decode(&b, g8, g8, 64, 8, AttnParams::new(0));
         check_decode_rotated(&b, KvDtype::Int8, g8, 256, 2, AttnParams::new(0), true);
+        check_prefill(&b);
     }
 }
 
@@ -300,63 +301,69 @@ fn odd_block_sizes() {
 #[test]
 fn prefill_matches_reference() {
     for b in backends() {
-        for (k, v) in [
-            (KvDtype::F16, KvDtype::F16),
-            (KvDtype::Int8, KvDtype::Int4 { group: 32 }),
-        ] {
-            for (ratio, rotate) in [(1, false), (4, false), (4, true)] {
-                let (kv_heads, d) = (2, 64);
-                let hq = kv_heads * ratio;
-                let cfg = CacheConfig::new(1, kv_heads, d, 512)
-                    .with_dtypes(k, v)
-                    .with_rotation(rotate);
-                let mut cache = KvCache::new(b.clone(), cfg).unwrap();
-                let mut rng = Rng::new(21);
-                let (sa, sb) = (cache.add_sequence(), cache.add_sequence());
-                let lens = [(sa, 37usize), (sb, 70usize)];
-                let kk: Vec<Vec<f32>> = lens
-                    .iter()
-                    .map(|l| rng.normals(l.1 * kv_heads * d))
-                    .collect();
-                let vv: Vec<Vec<f32>> = lens
-                    .iter()
-                    .map(|l| rng.normals(l.1 * kv_heads * d))
-                    .collect();
-                let p = AttnParams::new(hq).with_window(50);
-                let rp = p.resolve(kv_heads, d).unwrap();
-                // Two chunks per sequence: [0, c) then [c, len).
-                let cuts = [20usize, 33];
-                for phase in 0..2 {
-                    let mut batch = Vec::new();
-                    let (mut nk, mut nv, mut q, mut spans) = (vec![], vec![], vec![], vec![]);
-                    for (i, &(s, len)) in lens.iter().enumerate() {
-                        let (a, z) = if phase == 0 {
-                            (0, cuts[i])
-                        } else {
-                            (cuts[i], len)
-                        };
-                        batch.push((s, z - a));
-                        nk.extend_from_slice(&kk[i][a * kv_heads * d..z * kv_heads * d]);
-                        nv.extend_from_slice(&vv[i][a * kv_heads * d..z * kv_heads * d]);
-                        q.extend(rng.normals((z - a) * hq * d));
-                        spans.push((a, z));
-                    }
-                    cache.append(&batch, &nk, &nv).unwrap();
-                    let out = cache.prefill(0, &batch, &q, &p).unwrap();
-                    let mut off = 0;
-                    for (i, &(a, z)) in spans.iter().enumerate() {
-                        let n = (z - a) * hq * d;
-                        let kd = stored(k, rotate, &kk[i][..z * kv_heads * d], d);
-                        let vd = stored(v, rotate, &vv[i][..z * kv_heads * d], d);
-                        let want = attention_f64(&q[off..off + n], &kd, &vd, kv_heads, d, &rp);
-                        let e = error_stats(&out[off..off + n], &want, d);
-                        assert!(
-                            e.nmse <= KERNEL_NMSE && e.max_abs <= KERNEL_MAX_ABS,
-                            "{} K {k} V {v} ratio {ratio} rotate {rotate} seq {i} chunk {a}..{z}: {e:?}",
-                            name(&b)
-                        );
-                        off += n;
-                    }
+        check_prefill(&b);
+    }
+}
+
+/// Causal prefill in two chunks per sequence, with GQA, a sliding window and
+/// rotation, against f64 attention over the stored cache.
+fn check_prefill(b: &Arc<dyn Backend>) {
+    for (k, v) in [
+        (KvDtype::F16, KvDtype::F16),
+        (KvDtype::Int8, KvDtype::Int4 { group: 32 }),
+    ] {
+        for (ratio, rotate) in [(1, false), (4, false), (4, true)] {
+            let (kv_heads, d) = (2, 64);
+            let hq = kv_heads * ratio;
+            let cfg = CacheConfig::new(1, kv_heads, d, 512)
+                .with_dtypes(k, v)
+                .with_rotation(rotate);
+            let mut cache = KvCache::new(b.clone(), cfg).unwrap();
+            let mut rng = Rng::new(21);
+            let (sa, sb) = (cache.add_sequence(), cache.add_sequence());
+            let lens = [(sa, 37usize), (sb, 70usize)];
+            let kk: Vec<Vec<f32>> = lens
+                .iter()
+                .map(|l| rng.normals(l.1 * kv_heads * d))
+                .collect();
+            let vv: Vec<Vec<f32>> = lens
+                .iter()
+                .map(|l| rng.normals(l.1 * kv_heads * d))
+                .collect();
+            let p = AttnParams::new(hq).with_window(50);
+            let rp = p.resolve(kv_heads, d).unwrap();
+            // Two chunks per sequence: [0, c) then [c, len).
+            let cuts = [20usize, 33];
+            for phase in 0..2 {
+                let mut batch = Vec::new();
+                let (mut nk, mut nv, mut q, mut spans) = (vec![], vec![], vec![], vec![]);
+                for (i, &(s, len)) in lens.iter().enumerate() {
+                    let (a, z) = if phase == 0 {
+                        (0, cuts[i])
+                    } else {
+                        (cuts[i], len)
+                    };
+                    batch.push((s, z - a));
+                    nk.extend_from_slice(&kk[i][a * kv_heads * d..z * kv_heads * d]);
+                    nv.extend_from_slice(&vv[i][a * kv_heads * d..z * kv_heads * d]);
+                    q.extend(rng.normals((z - a) * hq * d));
+                    spans.push((a, z));
+                }
+                cache.append(&batch, &nk, &nv).unwrap();
+                let out = cache.prefill(0, &batch, &q, &p).unwrap();
+                let mut off = 0;
+                for (i, &(a, z)) in spans.iter().enumerate() {
+                    let n = (z - a) * hq * d;
+                    let kd = stored(k, rotate, &kk[i][..z * kv_heads * d], d);
+                    let vd = stored(v, rotate, &vv[i][..z * kv_heads * d], d);
+                    let want = attention_f64(&q[off..off + n], &kd, &vd, kv_heads, d, &rp);
+                    let e = error_stats(&out[off..off + n], &want, d);
+                    assert!(
+                        e.nmse <= KERNEL_NMSE && e.max_abs <= KERNEL_MAX_ABS,
+                        "{} K {k} V {v} ratio {ratio} rotate {rotate} seq {i} chunk {a}..{z}: {e:?}",
+                        name(b)
+                    );
+                    off += n;
                 }
             }
         }

@@ -50,9 +50,9 @@ fn keys() -> Vec<PipelineKey> {
                         let qh = heads_per_group(ratio);
                         for qb in [1, 8 / qh] {
                             keys.push(PipelineKey::attention(&kl, &vl, qh, qb));
-                        }
-                        if lanes_fit(&kl, &vl) {
-                            keys.push(PipelineKey::attention_lanes(&kl, &vl, qh));
+                            if lanes_fit(&kl, &vl) {
+                                keys.push(PipelineKey::attention_lanes(&kl, &vl, qh, qb));
+                            }
                         }
                     }
                 }

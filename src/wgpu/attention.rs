@@ -23,16 +23,16 @@ pub fn decode(b: &WgpuBackend, args: &AttnArgs<'_>) -> Result<()> {
     run(b, args, 1)
 }
 
-/// Whether decode on this adapter uses `attention_lanes.wgsl`: a CPU adapter
+/// Whether attention on this adapter uses `attention_lanes.wgsl`: a CPU adapter
 /// (its subgroup is the lanes of a SIMD register) with subgroups of at least
 /// the kernel's eight lanes, so that a workgroup is one subgroup.
-pub fn lanes_decode(adapter: &wgpu::AdapterInfo, features: wgpu::Features) -> bool {
+pub fn suits_lanes(adapter: &wgpu::AdapterInfo, features: wgpu::Features) -> bool {
     adapter.device_type == wgpu::DeviceType::Cpu
         && features.contains(wgpu::Features::SUBGROUP)
         && adapter.subgroup_min_size >= LANES
 }
 
-/// Invocations of `attention_lanes.wgsl`'s workgroup, one subgroup.
+/// Invocations of `attention_lanes.wgsl`'s workgroup, one subgroup; its keys per step.
 const LANES: u32 = 8;
 
 /// Pools `attention_lanes.wgsl` takes: each lane's share of a V row is one or two
@@ -99,8 +99,8 @@ fn run(b: &WgpuBackend, args: &AttnArgs<'_>, qb: u32) -> Result<()> {
     let partial = b.alloc(rows * splits * (d + 2))?;
     let meta_buf = b.alloc(meta.len())?;
     b.upload(&meta_buf, 0, &meta)?;
-    let attn_key = if qb == 1 && b.lanes && lanes_fit(kl, &args.v.layout) {
-        PipelineKey::attention_lanes(kl, &args.v.layout, qh)
+    let attn_key = if b.lanes && lanes_fit(kl, &args.v.layout) {
+        PipelineKey::attention_lanes(kl, &args.v.layout, qh, qb)
     } else {
         PipelineKey::attention(kl, &args.v.layout, qh, qb)
     };

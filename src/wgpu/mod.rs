@@ -30,7 +30,7 @@ pub struct WgpuBackend {
     queue: wgpu::Queue,
     info: BackendInfo,
     pipelines: Pipelines,
-    /// Decode uses `attention_lanes.wgsl` (see [`attention::lanes_decode`]).
+    /// Attention uses `attention_lanes.wgsl` (see [`attention::suits_lanes`]).
     lanes: bool,
 }
 
@@ -73,7 +73,7 @@ impl WgpuBackend {
 
     fn new(device: wgpu::Device, queue: wgpu::Queue, adapter: &wgpu::AdapterInfo) -> Self {
         let info = describe(adapter, &device.limits(), device.features());
-        let lanes = attention::lanes_decode(adapter, device.features());
+        let lanes = attention::suits_lanes(adapter, device.features());
         WgpuBackend {
             device,
             queue,
@@ -83,14 +83,14 @@ impl WgpuBackend {
         }
     }
 
-    /// Decodes with `attention.wgsl` even where `attention_lanes.wgsl` would be
-    /// chosen, to compare the two kernels on one adapter.
+    /// Runs attention with `attention.wgsl` even where `attention_lanes.wgsl` would
+    /// be chosen, to compare the two kernels on one adapter.
     pub fn without_lanes(mut self) -> Self {
         self.lanes = false;
         self
     }
 
-    /// Whether decode uses `attention_lanes.wgsl` where the pools fit it.
+    /// Whether attention uses `attention_lanes.wgsl` where the pools fit it.
     pub fn uses_lanes(&self) -> bool {
         self.lanes
     }

@@ -52,12 +52,13 @@ impl PipelineKey {
         }
     }
 
-    /// The lanes decode kernel over pools `k` and `v` for `qh` q heads per workgroup.
-    pub fn attention_lanes(k: &PoolLayout, v: &PoolLayout, qh: u32) -> Self {
-        let mut key = Self::attention(k, v, qh, 1);
-        key.kernel = Kernel::AttentionLanes;
-        key.constants.retain(|&(name, _)| name != "QB");
-        key
+    /// `attention_lanes.wgsl` over pools `k` and `v` for `qh` q heads and `qb`
+    /// positions per workgroup.
+    pub fn attention_lanes(k: &PoolLayout, v: &PoolLayout, qh: u32, qb: u32) -> Self {
+        PipelineKey {
+            kernel: Kernel::AttentionLanes,
+            ..Self::attention(k, v, qh, qb)
+        }
     }
 
     /// The combine pass of attention over the V pool `v`.
