@@ -7,7 +7,7 @@
 //!
 //! `--prefill N` times causal prefill of the last N tokens of each sequence instead
 //! of decode; `--append` times quantize-append of `context` tokens. `--generic`
-//! decodes with wgpu's GPU-shaped kernel even on a CPU adapter, where
+//! runs wgpu's GPU-shaped attention kernel even on a CPU adapter, where
 //! `attention_lanes.wgsl` is otherwise chosen.
 //!
 //! A dtype is `K` or `K/V` (e.g. `int8/int4`). Times are medians of wall-clock time

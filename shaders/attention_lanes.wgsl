@@ -14,7 +14,9 @@
 //   and pool rows are broadcast to it one key at a time.
 // Register arrays must be indexed by constants, or they live in per-lane memory:
 // loops over them are unrolled by calls with literal arguments (every call is
-// inlined, and calls past the head size fold away).
+// inlined, and calls past the head size fold away). Loops that index no register
+// array stay loops: the unrolled code already outgrows the instruction cache, and
+// unrolling the 8 keys of p . V as well measured slower (and compiled longer).
 
 @group(0) @binding(0) var<uniform> P: AttnParams;
 @group(0) @binding(1) var<storage, read> q: array<f32>;          // [queries, q_heads, HEAD_DIM]
@@ -408,14 +410,10 @@ fn main(
         mb = nb;
         la += pa;
         lb += pb;
-        pv(subgroupBroadcast(row, 0u), lane, subgroupBroadcast(pa, 0u), subgroupBroadcast(pb, 0u));
-        pv(subgroupBroadcast(row, 1u), lane, subgroupBroadcast(pa, 1u), subgroupBroadcast(pb, 1u));
-        pv(subgroupBroadcast(row, 2u), lane, subgroupBroadcast(pa, 2u), subgroupBroadcast(pb, 2u));
-        pv(subgroupBroadcast(row, 3u), lane, subgroupBroadcast(pa, 3u), subgroupBroadcast(pb, 3u));
-        pv(subgroupBroadcast(row, 4u), lane, subgroupBroadcast(pa, 4u), subgroupBroadcast(pb, 4u));
-        pv(subgroupBroadcast(row, 5u), lane, subgroupBroadcast(pa, 5u), subgroupBroadcast(pb, 5u));
-        pv(subgroupBroadcast(row, 6u), lane, subgroupBroadcast(pa, 6u), subgroupBroadcast(pb, 6u));
-        pv(subgroupBroadcast(row, 7u), lane, subgroupBroadcast(pa, 7u), subgroupBroadcast(pb, 7u));
+        for (var j = 0u; j < LANES; j++) {
+            // Key j of the step: lane j's pool row and weights, in every lane.
+            pv(subgroupShuffle(row, j), lane, subgroupShuffle(pa, j), subgroupShuffle(pb, j));
+        }
     }
 
     // Partial (max, sum, acc) of each row for this split.
