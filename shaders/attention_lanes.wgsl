@@ -147,14 +147,9 @@ fn int4_word(d: u32, word: u32, side: u32) {
 }
 
 // Chunk c (one vec4 of the K row at `base`) into s.
-fn qk_chunk(base: u32, side: u32, i: u32) {
-    if (i >= K_CHUNKS) {
+fn qk_chunk(base: u32, side: u32, c: u32) {
+    if (c >= K_CHUNKS) {
         return;
-    }
-    var c = i;
-    if (K_DTYPE != 2u) {
-        let lines = max(K_CHUNKS / 4u, 1u);
-        c = (i % lines) * 4u + i / lines;
     }
     let w = k_data[base + c];
     if (K_DTYPE == 0u) {
