@@ -178,35 +178,19 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let split = wid.x;
-    let kvh = wid.y / (P.ratio / QH);
-    let h0 = wid.y * QH; // first q head of this workgroup
-    let item = P.work_offset + 2u * wid.z;
-    let seq = work[item];
-    let first_q = work[item + 1u]; // index of the first query within the sequence
-    let info = SeqInfo(work[4u * seq], work[4u * seq + 1u], work[4u * seq + 2u], work[4u * seq + 3u]);
-    let nq = min(QB, info.q_len - first_q);
-    let pos0 = info.kv_len - info.q_len + first_q;
-    let last_pos = pos0 + nq - 1u;
-
-    // Keys this workgroup may need: [lo, last_pos], cut into splits.
-    var lo = 0u;
-    if (P.window > 0u && pos0 + 1u > P.window) {
-        lo = pos0 + 1u - P.window;
-    }
-    let begin = lo + split * P.split_len;
-    let end = min(begin + P.split_len, last_pos + 1u);
+    let w = work_of(wid);
 
     // Stage pre-scaled q rows (row r = position b * QH + head j) and Int4 group sums.
     let n_rows = rows();
     for (var i = lid; i < n_rows * HEAD_DIM; i += WG) {
         let r = i / HEAD_DIM;
         let b = r / QH;
-        let qrow = info.q_offset + first_q + min(b, nq - 1u);
-        q_sh[i] = q[(qrow * P.q_heads + h0 + r % QH) * HEAD_DIM + i % HEAD_DIM];
+        let qrow = w.q0 + min(b, w.nq - 1u);
+        q_sh[i] = q[(qrow * P.q_heads + w.h0 + r % QH) * HEAD_DIM + i % HEAD_DIM];
     }
     if (lid < n_rows) {
         m_sh[lid] = -3.0e38;
-        pos_sh[lid] = pos0 + min(lid / QH, nq - 1u);
+        pos_sh[lid] = w.pos0 + min(lid / QH, w.nq - 1u);
     }
     prepare_q(n_rows, lid, WG);
     if (K_DTYPE == 2u) {
@@ -234,11 +218,11 @@ fn main(
         acc[e] = 0.0;
     }
 
-    for (var t0 = begin; t0 < end; t0 += TILE) {
+    for (var t0 = w.begin; t0 < w.end; t0 += TILE) {
         // Scores: one key per invocation, every row.
         let t = t0 + lid;
-        if (t < end) {
-            let row = kv_addr(info.table_offset, kvh, t);
+        if (t < w.end) {
+            let row = kv_addr(w.table_offset, w.kvh, t);
             row_sh[lid] = row;
             let dots = qk(row, n_rows);
             for (var r = 0u; r < n_rows; r++) {
@@ -277,7 +261,7 @@ fn main(
         for (var e = 0u; e < own; e++) {
             acc[e] *= corr;
         }
-        let n_t = min(TILE, end - t0);
+        let n_t = min(TILE, w.end - t0);
         for (var i = 0u; i < n_t; i++) {
             let p = p_sh[i * MAX_ROWS + my_row];
             l += p;
@@ -288,9 +272,9 @@ fn main(
 
     // Partial for this row and split: (max, sum, acc).
     let b = my_row / QH;
-    if (b < nq && d0 < HEAD_DIM) {
-        let qrow = info.q_offset + first_q + b;
-        let head = h0 + my_row % QH;
+    if (b < w.nq && d0 < HEAD_DIM) {
+        let qrow = w.q0 + b;
+        let head = w.h0 + my_row % QH;
         let base = ((qrow * P.q_heads + head) * P.splits + split) * (HEAD_DIM + 2u);
         for (var e = 0u; e < own; e++) {
             let d = d0 + e;

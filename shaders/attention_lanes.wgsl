@@ -296,13 +296,13 @@ fn rescale_row(r: u32, c: f32) {
     }
 }
 
-// Writes row r's partial: its query q0 + r / QH (if the workgroup has it), head
-// h0 + r % QH.
-fn write_row(r: u32, q0: u32, nq: u32, h0: u32, split: u32, lane: u32, m: f32, l: f32) {
-    if (r >= ROWS || r / QH >= nq) {
+// Writes row r's partial: query w.q0 + r / QH (if the workgroup has it), head
+// w.h0 + r % QH.
+fn write_row(r: u32, w: Work, split: u32, lane: u32, m: f32, l: f32) {
+    if (r >= ROWS || r / QH >= w.nq) {
         return;
     }
-    let b = (((q0 + r / QH) * P.q_heads + h0 + r % QH) * P.splits + split) * (HEAD_DIM + 2u);
+    let b = (((w.q0 + r / QH) * P.q_heads + w.h0 + r % QH) * P.splits + split) * (HEAD_DIM + 2u);
     for (var e = 0u; e < DL; e++) {
         var x = acc[r * DL + e];
         if (V_DTYPE == 2u) {
@@ -330,34 +330,18 @@ fn main(
     @builtin(subgroup_invocation_id) lane: u32,
 ) {
     let split = wid.x;
-    let kvh = wid.y / (P.ratio / QH);
-    let h0 = wid.y * QH; // first q head of this workgroup
-    let item = P.work_offset + 2u * wid.z;
-    let seq = work[item];
-    let first_q = work[item + 1u]; // index of the first query within the sequence
-    let info = SeqInfo(work[4u * seq], work[4u * seq + 1u], work[4u * seq + 2u], work[4u * seq + 3u]);
-    let nq = min(QB, info.q_len - first_q);
-    let pos0 = info.kv_len - info.q_len + first_q;
-    let last_pos = pos0 + nq - 1u;
-
-    // Keys this workgroup may need: [lo, last_pos], cut into splits.
-    var lo = 0u;
-    if (P.window > 0u && pos0 + 1u > P.window) {
-        lo = pos0 + 1u - P.window;
-    }
-    let begin = lo + split * P.split_len;
-    let end = min(begin + P.split_len, last_pos + 1u);
+    let w = work_of(wid);
 
     // Stage q (rotated like the K pool, then scaled) and move it into registers.
     for (var i = lane; i < ROWS * HEAD_DIM; i += LANES) {
         let r = i / HEAD_DIM;
-        let qrow = info.q_offset + first_q + min(r / QH, nq - 1u);
-        q_sh[i] = q[(qrow * P.q_heads + h0 + r % QH) * HEAD_DIM + i % HEAD_DIM];
+        let qrow = w.q0 + min(r / QH, w.nq - 1u);
+        q_sh[i] = q[(qrow * P.q_heads + w.h0 + r % QH) * HEAD_DIM + i % HEAD_DIM];
     }
     prepare_q(ROWS, lane, LANES);
     // Position of each row's query: a key t is visible to row r if t <= pos[r].
-    let pos_a = pos0 + min(vec4<u32>(0u, 1u, 2u, 3u) / QH, vec4<u32>(nq - 1u));
-    let pos_b = pos0 + min(vec4<u32>(4u, 5u, 6u, 7u) / QH, vec4<u32>(nq - 1u));
+    let pos_a = w.pos0 + min(vec4<u32>(0u, 1u, 2u, 3u) / QH, vec4<u32>(w.nq - 1u));
+    let pos_b = w.pos0 + min(vec4<u32>(4u, 5u, 6u, 7u) / QH, vec4<u32>(w.nq - 1u));
     load_q(0u); load_q(8u); load_q(16u); load_q(24u);
     if (K_DTYPE == 2u) {
         sum_q(0u); sum_q(8u); sum_q(16u); sum_q(24u);
@@ -367,11 +351,11 @@ fn main(
     var mb = vec4<f32>(-3.0e38);
     var la = vec4<f32>(0.0);
     var lb = vec4<f32>(0.0);
-    for (var t0 = begin; t0 < end; t0 += LANES) {
+    for (var t0 = w.begin; t0 < w.end; t0 += LANES) {
         let t = t0 + lane;
-        let row = kv_addr(info.table_offset, kvh, min(t, end - 1u));
-        let va = visible(t, end, pos_a);
-        let vb = visible(t, end, pos_b);
+        let row = kv_addr(w.table_offset, w.kvh, min(t, w.end - 1u));
+        let va = visible(t, w.end, pos_a);
+        let vb = visible(t, w.end, pos_b);
         qk(row);
         var sa = vec4<f32>(s[0], s[1], s[2], s[3]);
         var sb = vec4<f32>(s[4], s[5], s[6], s[7]);
@@ -414,13 +398,12 @@ fn main(
     // Partial (max, sum, acc) of each row for this split.
     let la_sum = subgroupAdd(la);
     let lb_sum = subgroupAdd(lb);
-    let q0 = info.q_offset + first_q;
-    write_row(0u, q0, nq, h0, split, lane, ma.x, la_sum.x);
-    write_row(1u, q0, nq, h0, split, lane, ma.y, la_sum.y);
-    write_row(2u, q0, nq, h0, split, lane, ma.z, la_sum.z);
-    write_row(3u, q0, nq, h0, split, lane, ma.w, la_sum.w);
-    write_row(4u, q0, nq, h0, split, lane, mb.x, lb_sum.x);
-    write_row(5u, q0, nq, h0, split, lane, mb.y, lb_sum.y);
-    write_row(6u, q0, nq, h0, split, lane, mb.z, lb_sum.z);
-    write_row(7u, q0, nq, h0, split, lane, mb.w, lb_sum.w);
+    write_row(0u, w, split, lane, ma.x, la_sum.x);
+    write_row(1u, w, split, lane, ma.y, la_sum.y);
+    write_row(2u, w, split, lane, ma.z, la_sum.z);
+    write_row(3u, w, split, lane, ma.w, la_sum.w);
+    write_row(4u, w, split, lane, mb.x, lb_sum.x);
+    write_row(5u, w, split, lane, mb.y, lb_sum.y);
+    write_row(6u, w, split, lane, mb.z, lb_sum.z);
+    write_row(7u, w, split, lane, mb.w, lb_sum.w);
 }

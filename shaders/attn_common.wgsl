@@ -1,7 +1,7 @@
 // Shared by the attention kernels (attention.wgsl, attention_lanes.wgsl) and
 // prepended to both: their parameters, which the host writes in this order
 // (src/wgpu/attention.rs), and the preparation of q. Each kernel declares P,
-// q_sh and the overrides used here.
+// q_sh, `work` and the overrides used here.
 
 struct AttnParams {
     kv_heads: u32,
@@ -51,4 +51,36 @@ fn prepare_q(n_rows: u32, lid: u32, wg: u32) {
         q_sh[i] = x * P.scale;
     }
     workgroupBarrier();
+}
+
+// What one workgroup computes (grid x: key split, y: group of QH q heads, z: work
+// item): up to QB query positions x QH q heads of one sequence, against the keys
+// of its split that they may see.
+struct Work {
+    kvh: u32,          // kv head
+    h0: u32,           // first q head
+    q0: u32,           // first query row in q and in the partials
+    nq: u32,           // query positions, at most QB
+    pos0: u32,         // position of the first query in its sequence
+    table_offset: u32, // the sequence's block table in `tables`
+    begin: u32,        // keys [begin, end)
+    end: u32,
+}
+
+fn work_of(wid: vec3<u32>) -> Work {
+    let item = P.work_offset + 2u * wid.z;
+    let seq = work[item];
+    let first_q = work[item + 1u]; // index of the first query within the sequence
+    let info = SeqInfo(work[4u * seq], work[4u * seq + 1u], work[4u * seq + 2u], work[4u * seq + 3u]);
+    let nq = min(QB, info.q_len - first_q);
+    let pos0 = info.kv_len - info.q_len + first_q;
+    // Keys the queries may need: [lo, last position], cut into splits.
+    var lo = 0u;
+    if (P.window > 0u && pos0 + 1u > P.window) {
+        lo = pos0 + 1u - P.window;
+    }
+    let begin = lo + wid.x * P.split_len;
+    let end = min(begin + P.split_len, pos0 + nq);
+    return Work(wid.y / (P.ratio / QH), wid.y * QH, info.q_offset + first_q, nq, pos0,
+                info.table_offset, begin, end);
 }
