@@ -70,8 +70,7 @@ fn qk(row: u32, n_rows: u32) -> array<f32, 8> {
     } else if (K_DTYPE == 1u) {
         let base = row * (HEAD_DIM / 4u);
         for (var w = 0u; w < HEAD_DIM / 4u; w++) {
-            let word = bitcast<i32>(k_data[base + w]);
-            let c = vec4<f32>(vec4<i32>(word << 24u, word << 16u, word << 8u, word) >> vec4<u32>(24u));
+            let c = int8_codes(k_data[base + w]);
             for (var r = 0u; r < n_rows; r++) {
                 let e = r * HEAD_DIM + 4u * w;
                 acc[r] += dot(vec4<f32>(q_sh[e], q_sh[e + 1u], q_sh[e + 2u], q_sh[e + 3u]), c);
@@ -92,8 +91,8 @@ fn qk(row: u32, n_rows: u32) -> array<f32, 8> {
             }
             for (var w = 0u; w < K_GROUP / 8u; w++) {
                 let word = k_data[base + g * (K_GROUP / 8u) + w];
-                let lo = vec4<f32>((vec4<u32>(word) >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u));
-                let hi = vec4<f32>((vec4<u32>(word) >> vec4<u32>(16u, 20u, 24u, 28u)) & vec4<u32>(15u));
+                let lo = int4_codes(word, 0u);
+                let hi = int4_codes(word, 16u);
                 for (var r = 0u; r < n_rows; r++) {
                     let e = r * HEAD_DIM + g * K_GROUP + 8u * w;
                     gacc[r] += dot(vec4<f32>(q_sh[e], q_sh[e + 1u], q_sh[e + 2u], q_sh[e + 3u]), lo)
@@ -143,8 +142,7 @@ fn accumulate_v(acc: ptr<function, array<f32, MAX_OWN>>, row: u32, d0: u32, own:
         let base = row * (HEAD_DIM / 4u) + d0 / 4u;
         let ps = p * bitcast<f32>(v_side[row]);
         for (var w = 0u; w < own / 4u; w++) {
-            let word = bitcast<i32>(v_data[base + w]);
-            let c = vec4<f32>(vec4<i32>(word << 24u, word << 16u, word << 8u, word) >> vec4<u32>(24u)) * ps;
+            let c = int8_codes(v_data[base + w]) * ps;
             (*acc)[4u * w] += c.x;
             (*acc)[4u * w + 1u] += c.y;
             (*acc)[4u * w + 2u] += c.z;

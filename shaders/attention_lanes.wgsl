@@ -113,15 +113,6 @@ fn dot8(d: u32, x0: vec4<f32>, x1: vec4<f32>) {
     }
 }
 
-fn int8_codes(word: u32) -> vec4<f32> {
-    let w = bitcast<i32>(word);
-    return vec4<f32>(vec4<i32>(w << 24u, w << 16u, w << 8u, w) >> vec4<u32>(24u));
-}
-
-fn int4_codes(word: u32, shift: u32) -> vec4<f32> {
-    return vec4<f32>((vec4<u32>(word) >> vec4<u32>(shift, shift + 4u, shift + 8u, shift + 12u)) & vec4<u32>(15u));
-}
-
 // One Int4 K word (8 dims starting at d) into the group dot products; closes the
 // group into s when the word is its last.
 fn int4_word(d: u32, word: u32, side: u32) {
