@@ -66,9 +66,22 @@ fn keys() -> Vec<PipelineKey> {
 fn every_kernel_parses_and_validates() {
     let errors: Vec<String> = Kernel::ALL
         .iter()
-        .filter_map(|k| validate(k.file(), &k.source()).err().map(|e| e.to_string()))
+        .filter_map(|k| {
+            validate(k.file(), &k.source(), k.capabilities())
+                .err()
+                .map(|e| e.to_string())
+        })
         .collect();
     assert!(errors.is_empty(), "naga rejected:\n{}", errors.join("\n"));
+}
+
+/// Naga checks every kernel but the lanes one without subgroups (they are the
+/// fallback on every adapter, DESIGN §4); the lanes kernel does need them.
+#[test]
+fn lanes_kernel_is_rejected_without_subgroups() {
+    let k = Kernel::AttentionLanes;
+    let without = k.capabilities() - naga::valid::Capabilities::SUBGROUP;
+    assert!(validate(k.file(), &k.source(), without).is_err());
 }
 
 #[test]

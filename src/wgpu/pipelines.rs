@@ -77,7 +77,8 @@ impl PipelineKey {
     /// number of bindings of group 0.
     pub fn validate(&self) -> Result<usize> {
         let name = format!("{} {:?}", self.kernel.file(), self.constants);
-        let (module, info) = shaders::validate(&name, &self.kernel.source())?;
+        let (module, info) =
+            shaders::validate(&name, &self.kernel.source(), self.kernel.capabilities())?;
         let mut constants = naga::back::PipelineConstants::default();
         for &(n, v) in &self.constants {
             constants.insert(n.to_string(), v as f64);

@@ -6,7 +6,8 @@ use crate::{Error, Result};
 
 /// Shared helpers prepended to every kernel.
 const COMMON: &str = include_str!("../../shaders/common.wgsl");
-/// Parameters and q preparation, prepended to both attention kernels.
+/// Parameters, code unpacking, q preparation and work decoding, prepended to both
+/// attention kernels.
 const ATTN_COMMON: &str = include_str!("../../shaders/attn_common.wgsl");
 
 /// A compute kernel: one WGSL file with one `main` entry point.
@@ -18,8 +19,8 @@ pub enum Kernel {
     Dequantize,
     /// `shaders/attention.wgsl`: split-K attention partials (decode and prefill).
     Attention,
-    /// `shaders/attention_lanes.wgsl`: decode partials for adapters whose
-    /// subgroups are CPU SIMD lanes.
+    /// `shaders/attention_lanes.wgsl`: attention partials (decode and prefill) for
+    /// adapters whose subgroups are CPU SIMD lanes.
     AttentionLanes,
     /// `shaders/attn_reduce.wgsl`: combines the partials.
     AttnReduce,
@@ -65,34 +66,45 @@ impl Kernel {
     /// attention kernel, then the kernel. (Naga 30 takes subgroup built-ins
     /// without `enable subgroups;`; it rejects the directive.)
     pub fn source(self) -> String {
-        let params = match self {
+        let attn = match self {
             Kernel::Attention | Kernel::AttentionLanes => ATTN_COMMON,
             _ => "",
         };
-        format!("{COMMON}\n{params}\n{}", self.body())
+        format!("{COMMON}\n{attn}\n{}", self.body())
+    }
+
+    /// What the kernel may use beyond core WGSL. unpack2x16float: granted by wgpu on
+    /// every adapter with the SHADER_F16_IN_F32 downlevel flag (checked when
+    /// probing). Subgroups: only the lanes kernel, dispatched only on devices with
+    /// wgpu's SUBGROUP feature; every other kernel must run without them (DESIGN §4).
+    pub fn capabilities(self) -> naga::valid::Capabilities {
+        let caps = naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+        match self {
+            Kernel::AttentionLanes => caps | naga::valid::Capabilities::SUBGROUP,
+            _ => caps,
+        }
     }
 }
 
-/// Parses and validates WGSL with naga, returning the module and its info.
-pub fn validate(name: &str, source: &str) -> Result<(naga::Module, naga::valid::ModuleInfo)> {
+/// Parses and validates WGSL with naga against `capabilities`, returning the module
+/// and its info.
+pub fn validate(
+    name: &str,
+    source: &str,
+    capabilities: naga::valid::Capabilities,
+) -> Result<(naga::Module, naga::valid::ModuleInfo)> {
     let module = naga::front::wgsl::parse_str(source)
         .map_err(|e| Error::Device(format!("{name}: {}", e.emit_to_string(source))))?;
-    let info = naga::valid::Validator::new(
-        naga::valid::ValidationFlags::all(),
-        // unpack2x16float: core WGSL, granted by wgpu on every adapter with the
-        // SHADER_F16_IN_F32 downlevel flag (checked when probing).
-        // Subgroups: only kernels dispatched on devices with wgpu's SUBGROUP feature.
-        naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32 | naga::valid::Capabilities::SUBGROUP,
-    )
-    .validate(&module)
-    .map_err(|e| {
-        let mut msg = format!("{name}: {}", e.emit_to_string(source));
-        let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(e.as_inner());
-        while let Some(c) = cause {
-            msg.push_str(&format!(": {c}"));
-            cause = c.source();
-        }
-        Error::Device(msg)
-    })?;
+    let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), capabilities)
+        .validate(&module)
+        .map_err(|e| {
+            let mut msg = format!("{name}: {}", e.emit_to_string(source));
+            let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(e.as_inner());
+            while let Some(c) = cause {
+                msg.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            Error::Device(msg)
+        })?;
     Ok((module, info))
 }
