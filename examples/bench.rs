@@ -291,6 +291,15 @@ fn run() -> Result<()> {
     let mut b = chosen.backend;
     if o.generic && b.info().kind == BackendKind::Wgpu {
         let generic = kvq::wgpu::WgpuBackend::open_named(&b.info().name)?.without_lanes();
+        // Reopened by name, which llvmpipe's Vulkan and GL adapters share.
+        if generic.info().api != b.info().api {
+            return Err(Error::NoBackend(format!(
+                "--generic reopened {:?} on {}, not {}",
+                b.info().name,
+                generic.info().api,
+                b.info().api
+            )));
+        }
         b = Arc::new(generic);
     }
     if o.append {
