@@ -175,16 +175,12 @@ fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let split = wid.x;
     let w = work_of(wid);
 
     // Stage pre-scaled q rows (row r = position b * QH + head j) and Int4 group sums.
     let n_rows = rows();
     for (var i = lid; i < n_rows * HEAD_DIM; i += WG) {
-        let r = i / HEAD_DIM;
-        let b = r / QH;
-        let qrow = w.q0 + min(b, w.nq - 1u);
-        q_sh[i] = q[(qrow * P.q_heads + w.h0 + r % QH) * HEAD_DIM + i % HEAD_DIM];
+        q_sh[i] = q[q_start(w, i / HEAD_DIM) + i % HEAD_DIM];
     }
     if (lid < n_rows) {
         m_sh[lid] = -3.0e38;
@@ -205,8 +201,9 @@ fn main(
         workgroupBarrier();
     }
 
-    // Each invocation owns `own` consecutive output elements of one row.
-    let per_row = WG / n_rows;
+    // Each invocation owns `own` consecutive output elements of one row, a power
+    // of two of them per row so that runs stay word aligned (spare ones idle).
+    let per_row = 1u << firstLeadingBit(WG / n_rows);
     let my_row = lid / per_row;
     let own = (HEAD_DIM + per_row - 1u) / per_row;
     let d0 = (lid % per_row) * own;
@@ -269,11 +266,8 @@ fn main(
     }
 
     // Partial for this row and split: (max, sum, acc).
-    let b = my_row / QH;
-    if (b < w.nq && d0 < HEAD_DIM) {
-        let qrow = w.q0 + b;
-        let head = w.h0 + my_row % QH;
-        let base = ((qrow * P.q_heads + head) * P.splits + split) * (HEAD_DIM + 2u);
+    if (my_row < n_rows && has_row(w, my_row) && d0 < HEAD_DIM) {
+        let base = partial_start(w, my_row);
         for (var e = 0u; e < own; e++) {
             let d = d0 + e;
             if (d < HEAD_DIM) {

@@ -287,13 +287,12 @@ fn rescale_row(r: u32, c: f32) {
     }
 }
 
-// Writes row r's partial: query w.q0 + r / QH (if the workgroup has it), head
-// w.h0 + r % QH.
-fn write_row(r: u32, w: Work, split: u32, lane: u32, m: f32, l: f32) {
-    if (r >= ROWS || r / QH >= w.nq) {
+// Writes row r's partial, if the workgroup has that row.
+fn write_row(r: u32, w: Work, lane: u32, m: f32, l: f32) {
+    if (r >= ROWS || !has_row(w, r)) {
         return;
     }
-    let b = (((w.q0 + r / QH) * P.q_heads + w.h0 + r % QH) * P.splits + split) * (HEAD_DIM + 2u);
+    let b = partial_start(w, r);
     for (var e = 0u; e < DL; e++) {
         var x = acc[r * DL + e];
         if (V_DTYPE == 2u) {
@@ -320,14 +319,11 @@ fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(subgroup_invocation_id) lane: u32,
 ) {
-    let split = wid.x;
     let w = work_of(wid);
 
     // Stage q (rotated like the K pool, then scaled) and move it into registers.
     for (var i = lane; i < ROWS * HEAD_DIM; i += LANES) {
-        let r = i / HEAD_DIM;
-        let qrow = w.q0 + min(r / QH, w.nq - 1u);
-        q_sh[i] = q[(qrow * P.q_heads + w.h0 + r % QH) * HEAD_DIM + i % HEAD_DIM];
+        q_sh[i] = q[q_start(w, i / HEAD_DIM) + i % HEAD_DIM];
     }
     prepare_q(ROWS, lane, LANES);
     // Position of each row's query: a key t is visible to row r if t <= pos[r].
@@ -389,12 +385,12 @@ fn main(
     // Partial (max, sum, acc) of each row for this split.
     let la_sum = subgroupAdd(la);
     let lb_sum = subgroupAdd(lb);
-    write_row(0u, w, split, lane, ma.x, la_sum.x);
-    write_row(1u, w, split, lane, ma.y, la_sum.y);
-    write_row(2u, w, split, lane, ma.z, la_sum.z);
-    write_row(3u, w, split, lane, ma.w, la_sum.w);
-    write_row(4u, w, split, lane, mb.x, lb_sum.x);
-    write_row(5u, w, split, lane, mb.y, lb_sum.y);
-    write_row(6u, w, split, lane, mb.z, lb_sum.z);
-    write_row(7u, w, split, lane, mb.w, lb_sum.w);
+    write_row(0u, w, lane, ma.x, la_sum.x);
+    write_row(1u, w, lane, ma.y, la_sum.y);
+    write_row(2u, w, lane, ma.z, la_sum.z);
+    write_row(3u, w, lane, ma.w, la_sum.w);
+    write_row(4u, w, lane, mb.x, lb_sum.x);
+    write_row(5u, w, lane, mb.y, lb_sum.y);
+    write_row(6u, w, lane, mb.z, lb_sum.z);
+    write_row(7u, w, lane, mb.w, lb_sum.w);
 }

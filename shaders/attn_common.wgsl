@@ -65,16 +65,19 @@ fn prepare_q(n_rows: u32, lid: u32, wg: u32) {
     workgroupBarrier();
 }
 
-// What one workgroup computes (grid x: key split, y: group of QH q heads, z: work
+// What one workgroup computes (grid x: block of QH q heads, y: key split, z: work
 // item): up to QB query positions x QH q heads of one sequence, against the keys
-// of its split that they may see.
+// of its split that they may see. A GQA group of more than QH heads is cut into
+// blocks (the last may be short), adjacent in x so that they share K/V in cache.
 struct Work {
     kvh: u32,          // kv head
     h0: u32,           // first q head
+    nh: u32,           // q heads, at most QH
     q0: u32,           // first query row in q and in the partials
     nq: u32,           // query positions, at most QB
     pos0: u32,         // position of the first query in its sequence
     table_offset: u32, // the sequence's block table in `tables`
+    split: u32,
     begin: u32,        // keys [begin, end)
     end: u32,
 }
@@ -86,13 +89,32 @@ fn work_of(wid: vec3<u32>) -> Work {
     let info = SeqInfo(work[4u * seq], work[4u * seq + 1u], work[4u * seq + 2u], work[4u * seq + 3u]);
     let nq = min(QB, info.q_len - first_q);
     let pos0 = info.kv_len - info.q_len + first_q;
+    let blocks = (P.ratio + QH - 1u) / QH;
+    let kvh = wid.x / blocks;
+    let first_h = (wid.x % blocks) * QH; // within the group
     // Keys the queries may need: [lo, last position], cut into splits.
     var lo = 0u;
     if (P.window > 0u && pos0 + 1u > P.window) {
         lo = pos0 + 1u - P.window;
     }
-    let begin = lo + wid.x * P.split_len;
+    let begin = lo + wid.y * P.split_len;
     let end = min(begin + P.split_len, pos0 + nq);
-    return Work(wid.y / (P.ratio / QH), wid.y * QH, info.q_offset + first_q, nq, pos0,
-                info.table_offset, begin, end);
+    return Work(kvh, kvh * P.ratio + first_h, min(QH, P.ratio - first_h), info.q_offset + first_q,
+                nq, pos0, info.table_offset, wid.y, begin, end);
+}
+
+// Row r of the workgroup is query position r / QH and q head r % QH of its block.
+fn has_row(w: Work, r: u32) -> bool {
+    return r / QH < w.nq && r % QH < w.nh;
+}
+
+// Where row r's q vector starts in q; a row past the work's end repeats its last.
+fn q_start(w: Work, r: u32) -> u32 {
+    let qrow = w.q0 + min(r / QH, w.nq - 1u);
+    return (qrow * P.q_heads + w.h0 + min(r % QH, w.nh - 1u)) * HEAD_DIM;
+}
+
+// Where row r's partial (max, sum, acc[HEAD_DIM]) for the work's split starts.
+fn partial_start(w: Work, r: u32) -> u32 {
+    return (((w.q0 + r / QH) * P.q_heads + w.h0 + r % QH) * P.splits + w.split) * (HEAD_DIM + 2u);
 }

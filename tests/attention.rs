@@ -138,6 +138,15 @@ fn both_wgpu_kernels_match_reference() {
         let g8 = KvDtype::Int4 { group: 8 };
         check_decode(&b, g8, g8, 64, 8, AttnParams::new(0));
         check_decode_rotated(&b, KvDtype::Int8, g8, 256, 2, AttnParams::new(0), true);
+        // Heads blocks of 6 and 5 (GQA 11).
+        check_decode(
+            &b,
+            KvDtype::Int8,
+            KvDtype::int4_default(128),
+            128,
+            11,
+            AttnParams::new(0),
+        );
         check_prefill(&b);
     }
 }
@@ -150,7 +159,8 @@ fn decode_head_dims_and_gqa_ratios() {
             check_decode(&b, KvDtype::Int8, k, d, 1, AttnParams::new(0));
             check_decode(&b, k, KvDtype::F16, d, 8, AttnParams::new(0));
         }
-        for ratio in [2, 3, 6, 16] {
+        // Blocks of q heads: 3, 5 and 7 whole; 16 as 8 + 8; 11 as 6 + 5.
+        for ratio in [2, 3, 5, 7, 11, 16] {
             check_decode(
                 &b,
                 KvDtype::Int8,
@@ -314,7 +324,8 @@ fn check_prefill(b: &Arc<dyn Backend>) {
         (KvDtype::F16, KvDtype::F16),
         (KvDtype::Int8, KvDtype::Int4 { group: 32 }),
     ] {
-        for (ratio, rotate) in [(1, false), (4, false), (4, true)] {
+        // GQA 3: 3 heads x 2 positions per workgroup; GQA 9: blocks of 5 and 4 heads.
+        for (ratio, rotate) in [(1, false), (3, false), (4, false), (4, true), (9, false)] {
             let (kv_heads, d) = (2, 64);
             let hq = kv_heads * ratio;
             let cfg = CacheConfig::new(1, kv_heads, d, 512)

@@ -46,7 +46,7 @@ fn keys() -> Vec<PipelineKey> {
                 }
                 for v in [KvDtype::F16, KvDtype::Int8, KvDtype::int4_default(d)] {
                     let vl = cfg.layout(v);
-                    for ratio in [1u32, 2, 4, 8] {
+                    for ratio in 1u32..=8 {
                         let qh = heads_per_group(ratio);
                         for qb in [1, 8 / qh] {
                             keys.push(PipelineKey::attention(&kl, &vl, qh, qb));

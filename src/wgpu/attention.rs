@@ -53,13 +53,12 @@ pub fn prefill(b: &WgpuBackend, args: &AttnArgs<'_>) -> Result<()> {
     run(b, args, MAX_ROWS / qh)
 }
 
-/// q heads one workgroup takes: the largest power of two dividing the GQA ratio, at most 8.
+/// q heads one workgroup takes: the whole GQA group when it has at most 8, else
+/// the group cut into the fewest even blocks of at most 8 (the last may be
+/// short), so that K/V is read once per group, or once per block.
 pub fn heads_per_group(ratio: u32) -> u32 {
-    let mut qh = 1;
-    while qh < MAX_ROWS && ratio % (qh * 2) == 0 {
-        qh *= 2;
-    }
-    qh
+    let blocks = ratio.div_ceil(MAX_ROWS).max(1);
+    ratio.div_ceil(blocks).max(1)
 }
 
 fn run(b: &WgpuBackend, args: &AttnArgs<'_>, qb: u32) -> Result<()> {
@@ -86,12 +85,11 @@ fn run(b: &WgpuBackend, args: &AttnArgs<'_>, qb: u32) -> Result<()> {
         }
     }
     let items = (meta.len() as u32 - work_offset) / 2;
+    // Grid x: head blocks, those of one kv head adjacent so that they share its
+    // K/V in cache when the group takes more than one.
+    let head_blocks = kl.kv_heads as u32 * p.group_ratio.div_ceil(qh);
     let (splits, split_len) = if qb == 1 {
-        split_keys(
-            b,
-            args.max_kv_len(),
-            items as usize * (p.q_heads / qh) as usize,
-        )
+        split_keys(b, args.max_kv_len(), items as usize * head_blocks as usize)
     } else {
         (1, args.max_kv_len().div_ceil(TILE) * TILE)
     };
@@ -118,7 +116,7 @@ fn run(b: &WgpuBackend, args: &AttnArgs<'_>, qb: u32) -> Result<()> {
         0,
         0,
     ];
-    let grid = [splits as u32, p.q_heads / qh, items];
+    let grid = [head_blocks, splits as u32, items];
     let max = b.info().limits.max_workgroups_per_dimension;
     if grid.iter().any(|&g| g > max) {
         return Err(Error::DeviceLimit {
@@ -171,4 +169,17 @@ fn split_keys(b: &WgpuBackend, max_kv_len: usize, groups: usize) -> (usize, usiz
         .clamp(1, tiles.div_ceil(min_tiles).max(1));
     let split_tiles = tiles.div_ceil(splits);
     (tiles.div_ceil(split_tiles), split_tiles * TILE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::heads_per_group;
+
+    #[test]
+    fn head_blocks_are_even_and_at_most_eight() {
+        let got: Vec<u32> = [1, 3, 4, 7, 8, 9, 12, 16, 32, 71]
+            .map(heads_per_group)
+            .to_vec();
+        assert_eq!(got, [1, 3, 4, 7, 8, 5, 6, 8, 8, 8]);
+    }
 }
