@@ -324,7 +324,7 @@ fn check_prefill(b: &Arc<dyn Backend>) {
         (KvDtype::F16, KvDtype::F16),
         (KvDtype::Int8, KvDtype::Int4 { group: 32 }),
     ] {
-        // GQA 3: 3 heads x 2 positions per workgroup; GQA 9: blocks of 5 and 4 heads.
+        // GQA 3 and 9: one head x 8 positions per workgroup, 3 and 9 workgroups per group.
         for (ratio, rotate) in [(1, false), (3, false), (4, false), (4, true), (9, false)] {
             let (kv_heads, d) = (2, 64);
             let hq = kv_heads * ratio;

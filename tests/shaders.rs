@@ -3,7 +3,7 @@
 
 mod common;
 
-use kvq::wgpu::attention::{heads_per_group, lanes_fit};
+use kvq::wgpu::attention::{heads_per_group, lanes_fit, prefill_heads_per_group};
 use kvq::wgpu::pipelines::PipelineKey;
 use kvq::wgpu::shaders::{Kernel, validate};
 use kvq::{CacheConfig, KvDtype};
@@ -47,8 +47,8 @@ fn keys() -> Vec<PipelineKey> {
                 for v in [KvDtype::F16, KvDtype::Int8, KvDtype::int4_default(d)] {
                     let vl = cfg.layout(v);
                     for ratio in 1u32..=8 {
-                        let qh = heads_per_group(ratio);
-                        for qb in [1, 8 / qh] {
+                        let prefill = prefill_heads_per_group(ratio);
+                        for (qh, qb) in [(heads_per_group(ratio), 1), (prefill, 8 / prefill)] {
                             keys.push(PipelineKey::attention(&kl, &vl, qh, qb));
                             if lanes_fit(&kl, &vl) {
                                 keys.push(PipelineKey::attention_lanes(&kl, &vl, qh, qb));

@@ -20,7 +20,7 @@ pub fn decode(b: &WgpuBackend, args: &AttnArgs<'_>) -> Result<()> {
             "decode takes one query per sequence".into(),
         ));
     }
-    run(b, args, 1)
+    run(b, args, heads_per_group(args.params.group_ratio), 1)
 }
 
 /// Whether attention on this adapter uses `attention_lanes.wgsl`: a CPU adapter
@@ -49,19 +49,32 @@ pub fn lanes_fit(k: &PoolLayout, v: &PoolLayout) -> bool {
 
 /// Causal prefill: several query positions per workgroup, keys not split.
 pub fn prefill(b: &WgpuBackend, args: &AttnArgs<'_>) -> Result<()> {
-    let qh = heads_per_group(args.params.group_ratio);
-    run(b, args, MAX_ROWS / qh)
+    let qh = prefill_heads_per_group(args.params.group_ratio);
+    run(b, args, qh, MAX_ROWS / qh)
 }
 
-/// q heads one workgroup takes: the whole GQA group when it has at most 8, else
-/// the group cut into the fewest even blocks of at most 8 (the last may be
+/// q heads a decode workgroup takes: the whole GQA group when it has at most 8,
+/// else the group cut into the fewest even blocks of at most 8 (the last may be
 /// short), so that K/V is read once per group, or once per block.
 pub fn heads_per_group(ratio: u32) -> u32 {
     let blocks = ratio.div_ceil(MAX_ROWS).max(1);
     ratio.div_ceil(blocks).max(1)
 }
 
-fn run(b: &WgpuBackend, args: &AttnArgs<'_>, qb: u32) -> Result<()> {
+/// q heads a prefill workgroup takes, with 8 / that many positions: the largest
+/// power of two dividing the GQA ratio, at most 8. Every workgroup then has all 8
+/// rows, so a chunk of n queries reads K/V ratio * n / 8 times; whole groups of
+/// 5-7 heads at one position each would read it n times.
+pub fn prefill_heads_per_group(ratio: u32) -> u32 {
+    let mut qh = 1;
+    while qh < MAX_ROWS && ratio % (qh * 2) == 0 {
+        qh *= 2;
+    }
+    qh
+}
+
+/// Attention with workgroups of `qh` q heads x `qb` query positions.
+fn run(b: &WgpuBackend, args: &AttnArgs<'_>, qh: u32, qb: u32) -> Result<()> {
     args.check()?;
     let kl = &args.k.layout;
     let d = kl.head_dim;
@@ -71,7 +84,6 @@ fn run(b: &WgpuBackend, args: &AttnArgs<'_>, qb: u32) -> Result<()> {
         )));
     }
     let p = args.params;
-    let qh = heads_per_group(p.group_ratio);
     // Work items: (sequence, first query) blocks of `qb` positions.
     let mut meta: Vec<u32> = args
         .seqs
@@ -173,13 +185,19 @@ fn split_keys(b: &WgpuBackend, max_kv_len: usize, groups: usize) -> (usize, usiz
 
 #[cfg(test)]
 mod tests {
-    use super::heads_per_group;
+    use super::{heads_per_group, prefill_heads_per_group};
+
+    const RATIOS: [u32; 10] = [1, 3, 4, 7, 8, 9, 12, 16, 32, 71];
 
     #[test]
-    fn head_blocks_are_even_and_at_most_eight() {
-        let got: Vec<u32> = [1, 3, 4, 7, 8, 9, 12, 16, 32, 71]
-            .map(heads_per_group)
-            .to_vec();
+    fn decode_head_blocks_are_even_and_at_most_eight() {
+        let got = RATIOS.map(heads_per_group);
         assert_eq!(got, [1, 3, 4, 7, 8, 5, 6, 8, 8, 8]);
+    }
+
+    #[test]
+    fn prefill_head_blocks_divide_the_group() {
+        let got = RATIOS.map(prefill_heads_per_group);
+        assert_eq!(got, [1, 1, 4, 1, 8, 1, 4, 8, 8, 1]);
     }
 }
