@@ -3,7 +3,7 @@
 
 mod common;
 
-use kvq::wgpu::attention::{heads_per_group, lanes_fit, prefill_heads_per_group};
+use kvq::wgpu::attention::{decode_heads_per_group, lanes_fit, prefill_heads_per_group};
 use kvq::wgpu::pipelines::PipelineKey;
 use kvq::wgpu::shaders::{Kernel, validate};
 use kvq::{CacheConfig, KvDtype};
@@ -48,7 +48,8 @@ fn keys() -> Vec<PipelineKey> {
                     let vl = cfg.layout(v);
                     for ratio in 1u32..=8 {
                         let prefill = prefill_heads_per_group(ratio);
-                        for (qh, qb) in [(heads_per_group(ratio), 1), (prefill, 8 / prefill)] {
+                        for (qh, qb) in [(decode_heads_per_group(ratio), 1), (prefill, 8 / prefill)]
+                        {
                             keys.push(PipelineKey::attention(&kl, &vl, qh, qb));
                             if lanes_fit(&kl, &vl) {
                                 keys.push(PipelineKey::attention_lanes(&kl, &vl, qh, qb));

@@ -1,6 +1,7 @@
-//! Attention dispatches: split-K partials (`shaders/attention.wgsl`) then the
-//! combine pass (`shaders/attn_reduce.wgsl`). Decode and prefill differ only in
-//! how many query positions a workgroup takes and how the keys are split.
+//! Attention dispatches: split-K partials (`shaders/attention.wgsl`, or
+//! `shaders/attention_lanes.wgsl` on CPU adapters) then the combine pass
+//! (`shaders/attn_reduce.wgsl`). Decode and prefill differ only in how many q
+//! heads and query positions a workgroup takes and how the keys are split.
 
 use super::WgpuBackend;
 use super::pipelines::PipelineKey;
@@ -20,7 +21,7 @@ pub fn decode(b: &WgpuBackend, args: &AttnArgs<'_>) -> Result<()> {
             "decode takes one query per sequence".into(),
         ));
     }
-    run(b, args, heads_per_group(args.params.group_ratio), 1)
+    run(b, args, decode_heads_per_group(args.params.group_ratio), 1)
 }
 
 /// Whether attention on this adapter uses `attention_lanes.wgsl`: a CPU adapter
@@ -56,7 +57,7 @@ pub fn prefill(b: &WgpuBackend, args: &AttnArgs<'_>) -> Result<()> {
 /// q heads a decode workgroup takes: the whole GQA group when it has at most 8,
 /// else the group cut into the fewest even blocks of at most 8 (the last may be
 /// short), so that K/V is read once per group, or once per block.
-pub fn heads_per_group(ratio: u32) -> u32 {
+pub fn decode_heads_per_group(ratio: u32) -> u32 {
     let blocks = ratio.div_ceil(MAX_ROWS).max(1);
     ratio.div_ceil(blocks).max(1)
 }
@@ -185,13 +186,13 @@ fn split_keys(b: &WgpuBackend, max_kv_len: usize, groups: usize) -> (usize, usiz
 
 #[cfg(test)]
 mod tests {
-    use super::{heads_per_group, prefill_heads_per_group};
+    use super::{decode_heads_per_group, prefill_heads_per_group};
 
     const RATIOS: [u32; 10] = [1, 3, 4, 7, 8, 9, 12, 16, 32, 71];
 
     #[test]
     fn decode_head_blocks_are_even_and_at_most_eight() {
-        let got = RATIOS.map(heads_per_group);
+        let got = RATIOS.map(decode_heads_per_group);
         assert_eq!(got, [1, 3, 4, 7, 8, 5, 6, 8, 8, 8]);
     }
 
