@@ -11,12 +11,15 @@
 //! `attention_lanes.wgsl` is otherwise chosen.
 //!
 //! A dtype is `K` or `K/V` (e.g. `int8/int4`). Times are medians of wall-clock time
-//! from submit to completion after warm-up.
+//! from submit to completion after warm-up. Every dtype's call and its roofline are
+//! timed in the same interleaved rounds, so that the ratios between them hold on a
+//! shared, noisy machine.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use kvq::backend::{AttnArgs, BackendKind, SeqInfo};
+use kvq::attn::Resolved;
+use kvq::backend::{AttnArgs, BackendKind, DeviceBuffer, SeqInfo};
 use kvq::{AttnParams, Backend, CacheConfig, Error, KvCache, KvDtype, Preference, Result};
 
 struct Opts {
@@ -123,7 +126,7 @@ struct Row {
     context: usize,
     median_us: f64,
     bytes: usize,
-    roofline_gbps: Option<f64>,
+    roofline_gbps: f64,
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -131,106 +134,169 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-fn time(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    for _ in 0..2.min(iters) {
-        f()?;
-    }
-    let mut t = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let start = Instant::now();
-        f()?;
-        t.push(start.elapsed().as_secs_f64() * 1e6);
-    }
-    Ok(median(t))
+fn time(iters: usize, f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut calls: [Box<dyn FnMut() -> Result<()> + '_>; 1] = [Box::new(f)];
+    Ok(time_rounds(iters, &mut calls)?[0])
 }
 
-/// Median time of one decode over `batch` sequences of `context` tokens.
-fn bench_decode(
-    b: &Arc<dyn Backend>,
-    o: &Opts,
+/// Median wall-clock time of each call after two warm-up rounds, timed in `iters`
+/// rounds of one call each (starting from a different call every round), so that
+/// load from other tenants of a shared machine falls on every call alike.
+fn time_rounds(
+    iters: usize,
+    calls: &mut [Box<dyn FnMut() -> Result<()> + '_>],
+) -> Result<Vec<f64>> {
+    let n = calls.len();
+    for _ in 0..2.min(iters) {
+        for f in calls.iter_mut() {
+            f()?;
+        }
+    }
+    let mut t = vec![Vec::with_capacity(iters); n];
+    for round in 0..iters {
+        for i in (0..n).map(|j| (round + j) % n) {
+            let start = Instant::now();
+            calls[i]()?;
+            t[i].push(start.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    Ok(t.into_iter().map(median).collect())
+}
+
+/// One dtype's decode (or prefill) call over `batch` sequences of `context` tokens,
+/// with everything it needs already on the device, and a buffer of the same bytes
+/// for the streaming-read roofline.
+struct Case {
     k: KvDtype,
     v: KvDtype,
-    context: usize,
-) -> Result<Row> {
-    let cfg = CacheConfig::new(1, o.kv_heads, o.head_dim, o.batch * context).with_dtypes(k, v);
-    let mut cache = KvCache::new(b.clone(), cfg)?;
-    let row = o.kv_heads * o.head_dim;
-    let mut seqs = Vec::new();
-    let chunk = 4096;
-    let mut x = 0x9E3779B9u32;
-    let mut noise = |n: usize| -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                (x >> 8) as f32 / (1 << 24) as f32 - 0.5
-            })
-            .collect()
-    };
-    for _ in 0..o.batch {
-        let s = cache.add_sequence();
-        let mut done = 0;
-        while done < context {
-            let n = chunk.min(context - done);
-            let (kk, vv) = (noise(n * row), noise(n * row));
-            cache.append(&[(s, n)], &kk, &vv)?;
-            done += n;
+    cache: KvCache,
+    q: DeviceBuffer,
+    out: DeviceBuffer,
+    tables: DeviceBuffer,
+    seqs: Vec<SeqInfo>,
+    params: Resolved,
+    bytes: usize,
+    stream: DeviceBuffer,
+}
+
+impl Case {
+    fn new(b: &Arc<dyn Backend>, o: &Opts, k: KvDtype, v: KvDtype, context: usize) -> Result<Case> {
+        let cfg = CacheConfig::new(1, o.kv_heads, o.head_dim, o.batch * context).with_dtypes(k, v);
+        let mut cache = KvCache::new(b.clone(), cfg)?;
+        let row = o.kv_heads * o.head_dim;
+        let mut ids = Vec::new();
+        let chunk = 4096;
+        let mut x = 0x9E3779B9u32;
+        let mut noise = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    (x >> 8) as f32 / (1 << 24) as f32 - 0.5
+                })
+                .collect()
+        };
+        for _ in 0..o.batch {
+            let s = cache.add_sequence();
+            let mut done = 0;
+            while done < context {
+                let n = chunk.min(context - done);
+                let (kk, vv) = (noise(n * row), noise(n * row));
+                cache.append(&[(s, n)], &kk, &vv)?;
+                done += n;
+            }
+            ids.push(s);
         }
-        seqs.push(s);
+        let mut tables = Vec::new();
+        let mut seqs = Vec::new();
+        let q_len = o.prefill.max(1);
+        for (i, &s) in ids.iter().enumerate() {
+            seqs.push(SeqInfo {
+                kv_len: context as u32,
+                table_offset: tables.len() as u32,
+                q_offset: (i * q_len) as u32,
+                q_len: q_len as u32,
+            });
+            tables.extend_from_slice(cache.blocks().block_table(s)?);
+        }
+        let upload = |w: &[u32]| -> Result<_> {
+            let buf = b.alloc(w.len())?;
+            b.upload(&buf, 0, w)?;
+            Ok(buf)
+        };
+        let rows = o.batch * q_len * o.q_heads * o.head_dim;
+        let bytes = o.batch
+            * context
+            * o.kv_heads
+            * (k.bytes_per_token_head(o.head_dim) + v.bytes_per_token_head(o.head_dim));
+        Ok(Case {
+            k,
+            v,
+            q: upload(bytemuck::cast_slice(&noise(rows)))?,
+            out: b.alloc(rows)?,
+            tables: upload(&tables)?,
+            seqs,
+            params: AttnParams::new(o.q_heads).resolve(o.kv_heads, o.head_dim)?,
+            bytes,
+            // The roofline reads the same bytes from a buffer of the stream kernel's own.
+            stream: b.alloc(bytes / 4)?,
+            cache,
+        })
     }
-    // Everything the call needs stays on the device; only the kernel runs per iteration.
-    let mut tables = Vec::new();
-    let mut infos = Vec::new();
-    let q_len = o.prefill.max(1);
-    for (i, &s) in seqs.iter().enumerate() {
-        infos.push(SeqInfo {
-            kv_len: context as u32,
-            table_offset: tables.len() as u32,
-            q_offset: (i * q_len) as u32,
-            q_len: q_len as u32,
-        });
-        tables.extend_from_slice(cache.blocks().block_table(s)?);
-    }
-    let upload = |w: &[u32]| -> Result<_> {
-        let buf = b.alloc(w.len())?;
-        b.upload(&buf, 0, w)?;
-        Ok(buf)
-    };
-    let rows = o.batch * q_len * o.q_heads * o.head_dim;
-    let q = upload(bytemuck::cast_slice(&noise(rows)))?;
-    let out = b.alloc(rows)?;
-    let tables = upload(&tables)?;
-    let (kp, vp) = cache.pools(0)?;
-    let args = AttnArgs {
-        k: kp,
-        v: vp,
-        q: &q,
-        out: &out,
-        block_tables: &tables,
-        seqs: &infos,
-        params: AttnParams::new(o.q_heads).resolve(o.kv_heads, o.head_dim)?,
-    };
-    let median_us = time(o.iters, || {
-        if o.prefill > 0 {
+
+    /// One device-synchronised decode (or prefill) call.
+    fn attend(&self, b: &Arc<dyn Backend>, prefill: bool) -> Result<()> {
+        let (k, v) = self.cache.pools(0)?;
+        let args = AttnArgs {
+            k,
+            v,
+            q: &self.q,
+            out: &self.out,
+            block_tables: &self.tables,
+            seqs: &self.seqs,
+            params: self.params,
+        };
+        if prefill {
             b.prefill(&args)?;
         } else {
             b.decode(&args)?;
         }
         b.synchronize()
-    })?;
-    let bytes = o.batch
-        * context
-        * o.kv_heads
-        * (k.bytes_per_token_head(o.head_dim) + v.bytes_per_token_head(o.head_dim));
-    Ok(Row {
-        k,
-        v,
-        context,
-        median_us,
-        bytes,
-        roofline_gbps: None,
-    })
+    }
+
+    /// One streaming read of the case's bytes.
+    fn stream(&self, b: &Arc<dyn Backend>) -> Result<()> {
+        b.stream(&self.stream, self.bytes / 4)
+    }
+}
+
+/// Every dtype at one context: attention and roofline calls timed in the same rounds.
+fn bench_context(b: &Arc<dyn Backend>, o: &Opts, context: usize) -> Result<Vec<Row>> {
+    let cases = o
+        .dtypes
+        .iter()
+        .map(|&(k, v)| Case::new(b, o, k, v, context))
+        .collect::<Result<Vec<_>>>()?;
+    let prefill = o.prefill > 0;
+    let mut calls: Vec<Box<dyn FnMut() -> Result<()> + '_>> = Vec::new();
+    for c in &cases {
+        calls.push(Box::new(move || c.attend(b, prefill)));
+        calls.push(Box::new(move || c.stream(b)));
+    }
+    let us = time_rounds(o.iters, &mut calls)?;
+    Ok(cases
+        .iter()
+        .zip(us.chunks(2))
+        .map(|(c, t)| Row {
+            k: c.k,
+            v: c.v,
+            context,
+            median_us: t[0],
+            bytes: c.bytes,
+            roofline_gbps: c.bytes as f64 / t[1] / 1e3,
+        })
+        .collect())
 }
 
 /// Median time of one quantize-append of `context` tokens (first context) per dtype,
@@ -327,25 +393,20 @@ fn run() -> Result<()> {
     }
     let mut rows = Vec::new();
     for &context in &o.contexts {
-        let mut f16_us = None;
-        for &(k, v) in &o.dtypes {
-            let mut r = bench_decode(&b, &o, k, v, context)?;
-            // The roofline reads the same bytes from a buffer of the stream kernel's own.
-            let words = r.bytes / 4;
-            let buf = b.alloc(words)?;
-            let us = time(o.iters, || b.stream(&buf, words))?;
-            r.roofline_gbps = Some(r.bytes as f64 / us / 1e3);
-            if (k, v) == (KvDtype::F16, KvDtype::F16) {
-                f16_us = Some(r.median_us);
-            }
+        let rows_here = bench_context(&b, &o, context)?;
+        let f16_us = rows_here
+            .iter()
+            .find(|r| (r.k, r.v) == (KvDtype::F16, KvDtype::F16))
+            .map(|r| r.median_us);
+        for r in rows_here {
             let gbps = r.bytes as f64 / r.median_us / 1e3;
             if o.json {
                 println!(
-                    "{{\"backend\":\"{}\",\"adapter\":{:?},\"k_dtype\":\"{}\",\"v_dtype\":\"{}\",\"context\":{},\"batch\":{},\"q_heads\":{},\"kv_heads\":{},\"head_dim\":{},\"median_us\":{:.1},\"bytes\":{},\"gbps\":{:.3},\"roofline_gbps\":{}}}",
+                    "{{\"backend\":\"{}\",\"adapter\":{:?},\"k_dtype\":\"{}\",\"v_dtype\":\"{}\",\"context\":{},\"batch\":{},\"q_heads\":{},\"kv_heads\":{},\"head_dim\":{},\"median_us\":{:.1},\"bytes\":{},\"gbps\":{:.3},\"roofline_gbps\":{:.3}}}",
                     b.info().kind,
                     b.info().name,
-                    k,
-                    v,
+                    r.k,
+                    r.v,
                     context,
                     o.batch,
                     o.q_heads,
@@ -355,18 +416,15 @@ fn run() -> Result<()> {
                     r.bytes,
                     gbps,
                     r.roofline_gbps
-                        .map_or("null".to_string(), |g| format!("{g:.3}"))
                 );
             } else {
-                let roof = r.roofline_gbps.map_or("-".into(), |g| format!("{g:.2}"));
-                let frac = r
-                    .roofline_gbps
-                    .map_or("-".into(), |g| format!("{:.0}%", 100.0 * gbps / g));
+                let roof = format!("{:.2}", r.roofline_gbps);
+                let frac = format!("{:.0}%", 100.0 * gbps / r.roofline_gbps);
                 let ratio = f16_us.map_or("-".into(), |f| format!("{:.2}x", r.median_us / f));
                 println!(
                     "{:<9} {:<9} {:>7} {:>11.0} {:>10.2} {:>8.2} {:>10} {:>6} {:>8}",
-                    k.to_string(),
-                    v.to_string(),
+                    r.k.to_string(),
+                    r.v.to_string(),
                     context,
                     r.median_us,
                     r.bytes as f64 / 1e6,
