@@ -215,12 +215,9 @@ fn pv_word(w: u32, word: u32, f: vec2<f32>) {
     }
 }
 
-// V factors of word w of this lane's slice: (scale, 0) for Int8, (scale, min)
-// for Int4, whose min part goes to accm once per group.
+// V factors of word w of this lane's slice: (scale, min) for Int4, whose min part
+// goes to accm once per group; (1, 0) otherwise (an Int8 scale is in the weights).
 fn v_factors(row: u32, lane: u32, w: u32) -> vec2<f32> {
-    if (V_DTYPE == 1u) {
-        return vec2<f32>(bitcast<f32>(v_side[row]), 0.0);
-    }
     if (V_DTYPE != 2u) {
         return vec2<f32>(1.0, 0.0);
     }
@@ -376,9 +373,18 @@ fn main(
         mb = nb;
         la += pa;
         lb += pb;
+        // An Int8 V row's scale rides with the key's weights: loaded once, by the
+        // key's own lane, not once per lane.
+        var wa = pa;
+        var wb = pb;
+        if (V_DTYPE == 1u) {
+            let scale = bitcast<f32>(v_side[row]);
+            wa *= scale;
+            wb *= scale;
+        }
         for (var j = 0u; j < LANES; j++) {
             // Key j of the step: lane j's pool row and weights, in every lane.
-            pv(subgroupShuffle(row, j), lane, subgroupShuffle(pa, j), subgroupShuffle(pb, j));
+            pv(subgroupShuffle(row, j), lane, subgroupShuffle(wa, j), subgroupShuffle(wb, j));
         }
     }
 
