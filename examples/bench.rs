@@ -12,8 +12,9 @@
 //!
 //! A dtype is `K` or `K/V` (e.g. `int8/int4`). Times are medians of wall-clock time
 //! from submit to completion after warm-up. Every dtype's call and its roofline are
-//! timed in the same interleaved rounds, so that the ratios between them hold on a
-//! shared, noisy machine.
+//! timed in the same interleaved rounds, and "vs f16" is the median over rounds of
+//! the call's time over F16's in that round, so that ratios hold on a shared, noisy
+//! machine.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -127,6 +128,8 @@ struct Row {
     median_us: f64,
     bytes: usize,
     roofline_gbps: f64,
+    /// Median over rounds of this call's time over F16's in the same round.
+    vs_f16: Option<f64>,
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -136,16 +139,17 @@ fn median(mut xs: Vec<f64>) -> f64 {
 
 fn time(iters: usize, f: impl FnMut() -> Result<()>) -> Result<f64> {
     let mut calls: [Box<dyn FnMut() -> Result<()> + '_>; 1] = [Box::new(f)];
-    Ok(time_rounds(iters, &mut calls)?[0])
+    Ok(median(time_rounds(iters, &mut calls)?.remove(0)))
 }
 
-/// Median wall-clock time of each call after two warm-up rounds, timed in `iters`
-/// rounds of one call each (starting from a different call every round), so that
-/// load from other tenants of a shared machine falls on every call alike.
+/// Wall-clock times (µs) of each call in `iters` rounds after two warm-up rounds.
+/// A round runs every call once, starting from a different one each time, so that
+/// load from other tenants of a shared machine falls on every call alike and the
+/// times of one round can be compared with each other.
 fn time_rounds(
     iters: usize,
     calls: &mut [Box<dyn FnMut() -> Result<()> + '_>],
-) -> Result<Vec<f64>> {
+) -> Result<Vec<Vec<f64>>> {
     let n = calls.len();
     for _ in 0..2.min(iters) {
         for f in calls.iter_mut() {
@@ -160,7 +164,7 @@ fn time_rounds(
             t[i].push(start.elapsed().as_secs_f64() * 1e6);
         }
     }
-    Ok(t.into_iter().map(median).collect())
+    Ok(t)
 }
 
 /// One dtype's decode (or prefill) call over `batch` sequences of `context` tokens,
@@ -284,17 +288,23 @@ fn bench_context(b: &Arc<dyn Backend>, o: &Opts, context: usize) -> Result<Vec<R
         calls.push(Box::new(move || c.attend(b, prefill)));
         calls.push(Box::new(move || c.stream(b)));
     }
-    let us = time_rounds(o.iters, &mut calls)?;
+    let times = time_rounds(o.iters, &mut calls)?;
+    let f16 = cases
+        .iter()
+        .position(|c| (c.k, c.v) == (KvDtype::F16, KvDtype::F16))
+        .map(|i| &times[2 * i]);
     Ok(cases
         .iter()
-        .zip(us.chunks(2))
+        .zip(times.chunks(2))
         .map(|(c, t)| Row {
             k: c.k,
             v: c.v,
             context,
-            median_us: t[0],
+            median_us: median(t[0].clone()),
             bytes: c.bytes,
-            roofline_gbps: c.bytes as f64 / t[1] / 1e3,
+            roofline_gbps: c.bytes as f64 / median(t[1].clone()) / 1e3,
+            // Paired by round, so that a slow spell of the machine cancels out.
+            vs_f16: f16.map(|f| median(t[0].iter().zip(f).map(|(x, y)| x / y).collect())),
         })
         .collect())
 }
@@ -375,7 +385,7 @@ fn run() -> Result<()> {
     if !o.json {
         println!("backend: {}", chosen.reason);
         println!(
-            "{}batch {} q_heads {} kv_heads {} head_dim {}; median of {} calls\n",
+            "{}batch {} q_heads {} kv_heads {} head_dim {}; medians of {} rounds\n",
             match o.prefill {
                 0 => "decode, ".to_string(),
                 n => format!("prefill of the last {n} tokens, "),
@@ -394,10 +404,6 @@ fn run() -> Result<()> {
     let mut rows = Vec::new();
     for &context in &o.contexts {
         let rows_here = bench_context(&b, &o, context)?;
-        let f16_us = rows_here
-            .iter()
-            .find(|r| (r.k, r.v) == (KvDtype::F16, KvDtype::F16))
-            .map(|r| r.median_us);
         for r in rows_here {
             let gbps = r.bytes as f64 / r.median_us / 1e3;
             if o.json {
@@ -420,7 +426,7 @@ fn run() -> Result<()> {
             } else {
                 let roof = format!("{:.2}", r.roofline_gbps);
                 let frac = format!("{:.0}%", 100.0 * gbps / r.roofline_gbps);
-                let ratio = f16_us.map_or("-".into(), |f| format!("{:.2}x", r.median_us / f));
+                let ratio = r.vs_f16.map_or("-".into(), |x| format!("{x:.2}x"));
                 println!(
                     "{:<9} {:<9} {:>7} {:>11.0} {:>10.2} {:>8.2} {:>10} {:>6} {:>8}",
                     r.k.to_string(),
