@@ -243,8 +243,9 @@ impl Case {
             seqs,
             params: AttnParams::new(o.q_heads).resolve(o.kv_heads, o.head_dim)?,
             bytes,
-            // The roofline reads the same bytes from a buffer of the stream kernel's own.
-            stream: b.alloc(bytes / 4)?,
+            // The roofline reads as many bytes from a buffer of its own, no larger than
+            // one binding may be.
+            stream: b.alloc(bytes.min(b.info().limits.max_buffer_bytes as usize) / 4)?,
             cache,
         })
     }
@@ -269,9 +270,15 @@ impl Case {
         b.synchronize()
     }
 
-    /// One streaming read of the case's bytes.
+    /// Streaming reads of as many bytes as the call reads, in passes over the buffer.
     fn stream(&self, b: &Arc<dyn Backend>) -> Result<()> {
-        b.stream(&self.stream, self.bytes / 4)
+        let mut left = self.bytes / 4;
+        while left > 0 {
+            let n = left.min(self.stream.words());
+            b.stream(&self.stream, n)?;
+            left -= n;
+        }
+        Ok(())
     }
 }
 
