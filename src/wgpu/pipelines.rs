@@ -73,28 +73,40 @@ impl PipelineKey {
         }
     }
 
-    /// Validates this specialisation with naga (overrides applied), returning the
-    /// number of bindings of group 0.
-    pub fn validate(&self) -> Result<usize> {
-        let name = format!("{} {:?}", self.kernel.file(), self.constants);
+    /// This specialisation as naga sees it after wgpu applies its overrides: the
+    /// validated module with the constants in place, ready for naga's writers.
+    pub fn module(&self) -> Result<(naga::Module, naga::valid::ModuleInfo)> {
+        let name = self.name();
         let (module, info) =
             shaders::validate(&name, &self.kernel.source(), self.kernel.capabilities())?;
         let mut constants = naga::back::PipelineConstants::default();
         for &(n, v) in &self.constants {
             constants.insert(n.to_string(), v as f64);
         }
-        let (module, _) = naga::back::pipeline_constants::process_overrides(
+        let (module, info) = naga::back::pipeline_constants::process_overrides(
             &module,
             &info,
             Some((naga::ShaderStage::Compute, "main")),
             &constants,
         )
         .map_err(|e| Error::Device(format!("{name}: {e}")))?;
+        Ok((module.into_owned(), info.into_owned()))
+    }
+
+    /// Validates this specialisation with naga (overrides applied), returning the
+    /// number of bindings of group 0.
+    pub fn validate(&self) -> Result<usize> {
+        let (module, _) = self.module()?;
         Ok(module
             .global_variables
             .iter()
             .filter(|(_, g)| g.binding.as_ref().is_some_and(|b| b.group == 0))
             .count())
+    }
+
+    /// The kernel's file and constants, for messages.
+    pub fn name(&self) -> String {
+        format!("{} {:?}", self.kernel.file(), self.constants)
     }
 }
 
