@@ -1,19 +1,30 @@
-// Dequant-fused attention, one split of the keys (flash-decoding). A workgroup
-// takes ROWS = QH x QB query rows of one sequence that share one kv head (QH q
-// heads of a GQA group at QB consecutive positions) and one range of keys, so each
-// K/V byte it reads serves every row. K and V are dequantized in registers; the
-// workgroup writes an unnormalised partial (max, sum, acc[HEAD_DIM]) per row that
-// attn_reduce.wgsl combines. Decode is QB = 1; prefill uses QB > 1 with causal masks.
-// With a rotated K pool, q is rotated here; attn_reduce.wgsl rotates the output back.
-// CPU twin: src/cpu/attention.rs.
+// Dequant-fused attention, one split of the keys (flash-decoding), shaped for GPUs.
+// A workgroup takes ROWS = QH x QB query rows of one sequence that share one kv head
+// (QH q heads of a GQA group at QB consecutive positions) and one range of keys, so
+// each K/V byte it reads serves every row. Decode is QB = 1; prefill uses QB > 1
+// with causal masks. The workgroup writes an unnormalised partial (max, sum,
+// acc[HEAD_DIM]) per row that attn_reduce.wgsl combines. With a rotated K pool, q
+// is rotated here; attn_reduce.wgsl rotates the output back. CPU twin:
+// src/cpu/attention.rs.
+//
+// Lanes and slots. KT consecutive invocations, the lanes of a slot, split a K or V
+// row along head_dim, DL dims each, so that adjacent lanes read a row in one
+// coalesced sweep of loads up to 16 bytes wide; the WG / KT slots take consecutive
+// keys. A lane keeps its DL dims of every q row and of every output row in
+// registers, so each K and V word is dequantized once for all ROWS rows. Per step a
+// slot takes KB keys: its lanes' partial dots are summed over the slot
+// (sum_over_lanes, prepended: subgroup shuffles where the adapter's subgroups hold
+// KT lanes, workgroup memory otherwise), then every lane of the slot runs the same
+// online softmax and adds its dims of V. Slots keep their own running max and sum
+// and are merged once, at the end. src/wgpu/attention.rs chooses DL, KT and KB.
 
 @group(0) @binding(0) var<uniform> P: AttnParams;
-@group(0) @binding(1) var<storage, read> q: array<f32>;        // [queries, q_heads, HEAD_DIM]
-@group(0) @binding(2) var<storage, read> work: array<u32>;     // SeqInfo per seq, then work items
+@group(0) @binding(1) var<storage, read> q: array<f32>;          // [queries, q_heads, HEAD_DIM]
+@group(0) @binding(2) var<storage, read> work: array<u32>;       // SeqInfo per seq, then work items
 @group(0) @binding(3) var<storage, read> tables: array<u32>;
-@group(0) @binding(4) var<storage, read> k_data: array<u32>;
+@group(0) @binding(4) var<storage, read> k_data: array<vec4<u32>>;
 @group(0) @binding(5) var<storage, read> k_side: array<u32>;
-@group(0) @binding(6) var<storage, read> v_data: array<u32>;
+@group(0) @binding(6) var<storage, read> v_data: array<vec4<u32>>;
 @group(0) @binding(7) var<storage, read> v_side: array<u32>;
 @group(0) @binding(8) var<storage, read_write> partial: array<f32>; // [queries, q_heads, splits, HEAD_DIM + 2]
 
@@ -22,151 +33,250 @@ override V_DTYPE: u32 = 1u;
 override HEAD_DIM: u32 = 128u;
 override K_GROUP: u32 = 32u;
 override V_GROUP: u32 = 32u;
-override QH: u32 = 4u; // q heads per workgroup block (src/wgpu/attention.rs), at most 8
+override QH: u32 = 4u; // q heads per workgroup block, at most 8
 override QB: u32 = 1u; // query positions per workgroup
 override BLOCK_SIZE: u32 = 16u;
 override ROTATE_Q: u32 = 0u; // 1: the K pool is Walsh–Hadamard rotated
 override NORM_BITS: u32 = 0x3f800000u; // f32 bits of 1/sqrt(HEAD_DIM)
+override DL: u32 = 16u; // dims per lane: 8, 16 or 32, dividing HEAD_DIM and Int4 groups
+override KT: u32 = 8u;  // lanes per slot: a power of two >= HEAD_DIM / DL
+override KB: u32 = 4u;  // keys per slot and step; KB * ROWS <= 16
+override ROWS: u32 = QH * QB; // query rows (position b, head j) at b * QH + j; at most 8
 
 const WG: u32 = 64u;
-const TILE: u32 = 64u;       // keys per tile: one per invocation
-const MAX_ROWS: u32 = 8u;
-const MAX_D: u32 = 256u;
-const MAX_OWN: u32 = 32u;    // MAX_ROWS * MAX_D / WG
+override NZ: u32 = WG / KT; // slots
+override K_WORDS: u32 = HEAD_DIM / (2u << K_DTYPE); // words per K row
+override V_WORDS: u32 = HEAD_DIM / (2u << V_DTYPE);
+override K_LW: u32 = DL / (2u << K_DTYPE); // words of a lane's slice of a K row: 1, 2 or 4
+override V_LW: u32 = DL / (2u << V_DTYPE);
 
-var<workgroup> q_sh: array<f32, 2048>;          // MAX_ROWS * MAX_D, pre-scaled
-var<workgroup> qsum_sh: array<f32, 256>;        // per row and Int4 key group: sum of q
-var<workgroup> p_sh: array<f32, 512>;           // TILE * MAX_ROWS scores, then weights
-var<workgroup> m_sh: array<f32, 8>;             // running max per row
-var<workgroup> corr_sh: array<f32, 8>;          // rescale factor of this tile per row
-var<workgroup> pos_sh: array<u32, 8>;           // position of each row's query
-var<workgroup> row_sh: array<u32, 64>;          // pool row of each key of the tile
+// q rows while they are staged; then sum_over_lanes' scratch; then the merged
+// accumulators of the slots.
+var<workgroup> q_sh: array<f32, 2048>;
+var<workgroup> ml_sh: array<f32, 512>; // per slot and row: running max and sum, [(z * 8 + r) * 2]
 
-fn rows() -> u32 {
-    return QH * QB;
-}
+var<private> qr: array<f32, 64>;        // this lane's dims of each q row, [r * DL + e]
+var<private> qsum: array<f32, 8>;       // sum of qr per row (times an Int4 K group's min)
+var<private> acc: array<f32, 64>;       // this lane's dims of each output row, [r * DL + e]
+var<private> accm: array<f32, 8>;       // Int4 V: sum of p * min of the lane's group, per row
+var<private> m: array<f32, 8>;          // the slot's running max per row
+var<private> l: array<f32, 8>;          // the slot's running sum per row
+var<private> pos: array<u32, 8>;        // position of each row's query
+var<private> sc: array<f32, 16>;        // the step's partial dots, scores, then weights: [j * ROWS + r]
+var<private> krow: array<u32, 4>;       // pool rows of the step's keys
+var<private> kw: array<vec4<u32>, 4>;   // this lane's slice of each key's K row
+var<private> vw: array<vec4<u32>, 4>;   // and of its V row
 
 fn kv_addr(table_offset: u32, kvh: u32, t: u32) -> u32 {
     let b = tables[table_offset + t / BLOCK_SIZE];
     return (b * P.kv_heads + kvh) * BLOCK_SIZE + t % BLOCK_SIZE;
 }
 
-// Scaled q . k of one key (pool row `row`) for every query row of the workgroup,
-// K dequantized in registers and each K word loaded once.
-fn qk(row: u32, n_rows: u32) -> array<f32, 8> {
-    var acc: array<f32, 8>;
-    for (var r = 0u; r < 8u; r++) {
-        acc[r] = 0.0;
+// Words [i, i + n) of the vec4 v that holds them (n = 1, 2 or 4, i a multiple of
+// n), from its first component on: a slice narrower than 16 bytes is one load that
+// the lanes sharing the vec4 make together.
+fn slice(v: vec4<u32>, i: u32, n: u32) -> vec4<u32> {
+    if (n == 4u) {
+        return v;
     }
-    if (K_DTYPE == 0u) {
-        let base = row * (HEAD_DIM / 2u);
-        for (var w = 0u; w < HEAD_DIM / 2u; w++) {
-            let kv = unpack2x16float(k_data[base + w]);
-            for (var r = 0u; r < n_rows; r++) {
-                let e = r * HEAD_DIM + 2u * w;
-                acc[r] += q_sh[e] * kv.x + q_sh[e + 1u] * kv.y;
+    if (n == 2u) {
+        return select(v, v.zwxy, (i & 2u) != 0u);
+    }
+    return vec4<u32>(v[i & 3u]);
+}
+
+fn q4(o: u32) -> vec4<f32> {
+    return vec4<f32>(qr[o], qr[o + 1u], qr[o + 2u], qr[o + 3u]);
+}
+
+// Loads the step's keys t0 + j * NZ + z (the last key of the split past its end):
+// their pool rows and lane x's slices of their K and V rows, all before any is used.
+fn load_step(w: Work, t0: u32, z: u32, x: u32) {
+    for (var j = 0u; j < KB; j++) {
+        let row = kv_addr(w.table_offset, w.kvh, min(t0 + j * NZ + z, w.end - 1u));
+        krow[j] = row;
+        let ki = row * K_WORDS + x * K_LW;
+        kw[j] = slice(k_data[ki / 4u], ki, K_LW);
+        let vi = row * V_WORDS + x * V_LW;
+        vw[j] = slice(v_data[vi / 4u], vi, V_LW);
+    }
+}
+
+// Lane x's part of q . k for key j of the step, per row, into sc. Each K word is
+// dequantized once for every row; Int8 and Int4 factors apply to the lane's sum.
+fn qk(j: u32, x: u32) {
+    let row = krow[j];
+    var f = vec2<f32>(1.0, 0.0); // (scale, min)
+    if (K_DTYPE == 1u) {
+        f.x = bitcast<f32>(k_side[row]);
+    } else if (K_DTYPE == 2u) {
+        f = unpack2x16float(k_side[row * (HEAD_DIM / K_GROUP) + x * DL / K_GROUP]);
+    }
+    var s: array<f32, 8>;
+    for (var r = 0u; r < ROWS; r++) {
+        s[r] = 0.0;
+    }
+    for (var w = 0u; w < K_LW; w++) {
+        let word = kw[j][w];
+        if (K_DTYPE == 0u) {
+            let c = unpack2x16float(word);
+            for (var r = 0u; r < ROWS; r++) {
+                let o = r * DL + 2u * w;
+                s[r] += qr[o] * c.x + qr[o + 1u] * c.y;
+            }
+        } else if (K_DTYPE == 1u) {
+            let c = int8_codes(word);
+            for (var r = 0u; r < ROWS; r++) {
+                s[r] += dot(q4(r * DL + 4u * w), c);
+            }
+        } else {
+            let lo = int4_codes(word, 0u);
+            let hi = int4_codes(word, 16u);
+            for (var r = 0u; r < ROWS; r++) {
+                let o = r * DL + 8u * w;
+                s[r] += dot(q4(o), lo) + dot(q4(o + 4u), hi);
             }
         }
-    } else if (K_DTYPE == 1u) {
-        let base = row * (HEAD_DIM / 4u);
-        for (var w = 0u; w < HEAD_DIM / 4u; w++) {
-            let c = int8_codes(k_data[base + w]);
-            for (var r = 0u; r < n_rows; r++) {
-                let e = r * HEAD_DIM + 4u * w;
-                acc[r] += dot(vec4<f32>(q_sh[e], q_sh[e + 1u], q_sh[e + 2u], q_sh[e + 3u]), c);
+    }
+    for (var r = 0u; r < ROWS; r++) {
+        sc[j * ROWS + r] = f.x * s[r] + f.y * qsum[r];
+    }
+}
+
+// The step's scores (softcapped, masked) into weights against each row's new
+// running max, rescaling what the slot has summed so far.
+fn softmax_step(w: Work, t0: u32, z: u32) {
+    for (var r = 0u; r < ROWS; r++) {
+        var mx = m[r];
+        for (var j = 0u; j < KB; j++) {
+            let t = t0 + j * NZ + z;
+            var s = sc[j * ROWS + r];
+            if (P.softcap > 0.0) {
+                s = P.softcap * tanh(s / P.softcap);
+            }
+            let seen = t < w.end && t <= pos[r] && (P.window == 0u || t + P.window > pos[r]);
+            s = select(-3.0e38, s, seen);
+            sc[j * ROWS + r] = s;
+            mx = max(mx, s);
+        }
+        let c = exp(m[r] - mx);
+        m[r] = mx;
+        l[r] *= c;
+        accm[r] *= c;
+        for (var e = 0u; e < DL; e++) {
+            acc[r * DL + e] *= c;
+        }
+        for (var j = 0u; j < KB; j++) {
+            let s = sc[j * ROWS + r];
+            let p = select(0.0, exp(s - mx), s > -1.0e38);
+            sc[j * ROWS + r] = p;
+            l[r] += p;
+        }
+    }
+}
+
+// Adds key j's weighted V to lane x's dims of every row; each V word is dequantized
+// once for every row. An Int4 group's min goes to accm, once per key.
+fn pv(j: u32, x: u32) {
+    let row = krow[j];
+    var scale = 1.0;
+    if (V_DTYPE == 1u) {
+        scale = bitcast<f32>(v_side[row]);
+    } else if (V_DTYPE == 2u) {
+        let f = unpack2x16float(v_side[row * (HEAD_DIM / V_GROUP) + x * DL / V_GROUP]);
+        scale = f.x;
+        for (var r = 0u; r < ROWS; r++) {
+            accm[r] += sc[j * ROWS + r] * f.y;
+        }
+    }
+    var p: array<f32, 8>;
+    for (var r = 0u; r < ROWS; r++) {
+        p[r] = sc[j * ROWS + r] * scale;
+    }
+    for (var w = 0u; w < V_LW; w++) {
+        let word = vw[j][w];
+        if (V_DTYPE == 0u) {
+            let c = unpack2x16float(word);
+            for (var r = 0u; r < ROWS; r++) {
+                let o = r * DL + 2u * w;
+                acc[o] += p[r] * c.x;
+                acc[o + 1u] += p[r] * c.y;
+            }
+        } else if (V_DTYPE == 1u) {
+            let c = int8_codes(word);
+            for (var r = 0u; r < ROWS; r++) {
+                axpy4(r * DL + 4u * w, p[r], c);
+            }
+        } else {
+            let lo = int4_codes(word, 0u);
+            let hi = int4_codes(word, 16u);
+            for (var r = 0u; r < ROWS; r++) {
+                axpy4(r * DL + 8u * w, p[r], lo);
+                axpy4(r * DL + 8u * w + 4u, p[r], hi);
             }
         }
-        let scale = bitcast<f32>(k_side[row]);
-        for (var r = 0u; r < n_rows; r++) {
-            acc[r] *= scale;
+    }
+}
+
+// acc[o .. o + 4] += p * c
+fn axpy4(o: u32, p: f32, c: vec4<f32>) {
+    acc[o] += p * c.x;
+    acc[o + 1u] += p * c.y;
+    acc[o + 2u] += p * c.z;
+    acc[o + 3u] += p * c.w;
+}
+
+// Merges the slots' partials (max, sum, acc) of every row into the workgroup's,
+// one slot at a time through workgroup memory, and writes it.
+fn merge_slots(w: Work, lid: u32, z: u32, x: u32) {
+    if (x == 0u) {
+        for (var r = 0u; r < ROWS; r++) {
+            ml_sh[(z * 8u + r) * 2u] = m[r];
+            ml_sh[(z * 8u + r) * 2u + 1u] = l[r];
         }
-    } else {
-        let groups = HEAD_DIM / K_GROUP;
-        let base = row * (HEAD_DIM / 8u);
-        for (var g = 0u; g < groups; g++) {
-            let s = unpack2x16float(k_side[row * groups + g]); // (scale, min)
-            var gacc: array<f32, 8>;
-            for (var r = 0u; r < n_rows; r++) {
-                gacc[r] = 0.0;
-            }
-            for (var w = 0u; w < K_GROUP / 8u; w++) {
-                let word = k_data[base + g * (K_GROUP / 8u) + w];
-                let lo = int4_codes(word, 0u);
-                let hi = int4_codes(word, 16u);
-                for (var r = 0u; r < n_rows; r++) {
-                    let e = r * HEAD_DIM + g * K_GROUP + 8u * w;
-                    gacc[r] += dot(vec4<f32>(q_sh[e], q_sh[e + 1u], q_sh[e + 2u], q_sh[e + 3u]), lo)
-                             + dot(vec4<f32>(q_sh[e + 4u], q_sh[e + 5u], q_sh[e + 6u], q_sh[e + 7u]), hi);
+    }
+    workgroupBarrier();
+    // Each slot's accumulator, with its Int4 min term, against the workgroup's max.
+    for (var r = 0u; r < ROWS; r++) {
+        var mx = -3.0e38;
+        for (var s = 0u; s < NZ; s++) {
+            mx = max(mx, ml_sh[(s * 8u + r) * 2u]);
+        }
+        let c = exp(m[r] - mx);
+        for (var e = 0u; e < DL; e++) {
+            acc[r * DL + e] = (acc[r * DL + e] + accm[r]) * c;
+        }
+    }
+    let on = x * DL < HEAD_DIM;
+    for (var s = 0u; s < NZ; s++) {
+        if (z == s && on) {
+            for (var r = 0u; r < ROWS; r++) {
+                for (var e = 0u; e < DL; e++) {
+                    let i = r * HEAD_DIM + x * DL + e;
+                    q_sh[i] = select(q_sh[i] + acc[r * DL + e], acc[r * DL + e], s == 0u);
                 }
             }
-            for (var r = 0u; r < n_rows; r++) {
-                acc[r] += s.x * gacc[r] + s.y * qsum_sh[r * 32u + g];
-            }
+        }
+        workgroupBarrier();
+    }
+    for (var i = lid; i < ROWS * HEAD_DIM; i += WG) {
+        let r = i / HEAD_DIM;
+        if (has_row(w, r)) {
+            partial[partial_start(w, r) + 2u + i % HEAD_DIM] = q_sh[i];
         }
     }
-    return acc;
-}
-
-// Element d of the V vector in pool row `row`, and, for Int8/Int4, its factors:
-// value = code * f.x + f.y. Returned as (code, f.x, f.y).
-fn v_elem(row: u32, d: u32) -> vec3<f32> {
-    if (V_DTYPE == 0u) {
-        let pair = unpack2x16float(v_data[row * (HEAD_DIM / 2u) + d / 2u]);
-        return vec3<f32>(select(pair.x, pair.y, (d & 1u) == 1u), 1.0, 0.0);
-    } else if (V_DTYPE == 1u) {
-        let word = bitcast<i32>(v_data[row * (HEAD_DIM / 4u) + d / 4u]);
-        let c = (word << (24u - 8u * (d % 4u))) >> 24u;
-        return vec3<f32>(f32(c), bitcast<f32>(v_side[row]), 0.0);
-    } else {
-        let word = v_data[row * (HEAD_DIM / 8u) + d / 8u];
-        let c = (word >> (4u * (d % 8u))) & 15u;
-        let s = unpack2x16float(v_side[row * (HEAD_DIM / V_GROUP) + d / V_GROUP]);
-        return vec3<f32>(f32(c), s.x, s.y);
-    }
-}
-
-// acc[e] += p * V[row][d0 + e] for the owned run; whole words at a time when the
-// run is word aligned (the usual case), element by element otherwise.
-fn accumulate_v(acc: ptr<function, array<f32, MAX_OWN>>, row: u32, d0: u32, own: u32, p: f32) {
-    if (d0 >= HEAD_DIM) {
-        return;
-    }
-    if (V_DTYPE == 0u && own % 2u == 0u) {
-        let base = row * (HEAD_DIM / 2u) + d0 / 2u;
-        for (var w = 0u; w < own / 2u; w++) {
-            let pair = unpack2x16float(v_data[base + w]);
-            (*acc)[2u * w] += p * pair.x;
-            (*acc)[2u * w + 1u] += p * pair.y;
+    if (lid < ROWS && has_row(w, lid)) {
+        var mx = -3.0e38;
+        for (var s = 0u; s < NZ; s++) {
+            mx = max(mx, ml_sh[(s * 8u + lid) * 2u]);
         }
-    } else if (V_DTYPE == 1u && own % 4u == 0u) {
-        let base = row * (HEAD_DIM / 4u) + d0 / 4u;
-        let ps = p * bitcast<f32>(v_side[row]);
-        for (var w = 0u; w < own / 4u; w++) {
-            let c = int8_codes(v_data[base + w]) * ps;
-            (*acc)[4u * w] += c.x;
-            (*acc)[4u * w + 1u] += c.y;
-            (*acc)[4u * w + 2u] += c.z;
-            (*acc)[4u * w + 3u] += c.w;
+        var sum = 0.0;
+        for (var s = 0u; s < NZ; s++) {
+            sum += ml_sh[(s * 8u + lid) * 2u + 1u] * exp(ml_sh[(s * 8u + lid) * 2u] - mx);
         }
-    } else if (V_DTYPE == 2u && own % 8u == 0u && V_GROUP % own == 0u) {
-        let s = unpack2x16float(v_side[row * (HEAD_DIM / V_GROUP) + d0 / V_GROUP]);
-        let ps = p * s.x;
-        let pm = p * s.y;
-        let base = row * (HEAD_DIM / 8u) + d0 / 8u;
-        for (var w = 0u; w < own / 8u; w++) {
-            let word = v_data[base + w];
-            for (var j = 0u; j < 8u; j++) {
-                (*acc)[8u * w + j] += ps * f32((word >> (4u * j)) & 15u) + pm;
-            }
-        }
-    } else {
-        for (var e = 0u; e < own; e++) {
-            let d = d0 + e;
-            if (d < HEAD_DIM) {
-                let f = v_elem(row, d);
-                (*acc)[e] += p * (f.x * f.y + f.z);
-            }
-        }
+        let b = partial_start(w, lid);
+        partial[b] = mx;
+        partial[b + 1u] = sum;
     }
 }
 
@@ -177,106 +287,45 @@ fn main(
 ) {
     let w = work_of(wid);
 
-    // Stage pre-scaled q rows (row r = position b * QH + head j) and Int4 group sums.
-    let n_rows = rows();
-    for (var i = lid; i < n_rows * HEAD_DIM; i += WG) {
+    // Stage the q rows (rotated like the K pool, then scaled), then take this lane's
+    // dims of each into registers; a lane past head_dim holds zeros.
+    for (var i = lid; i < ROWS * HEAD_DIM; i += WG) {
         q_sh[i] = q[q_start(w, i / HEAD_DIM) + i % HEAD_DIM];
     }
-    if (lid < n_rows) {
-        m_sh[lid] = -3.0e38;
-        pos_sh[lid] = w.pos0 + min(lid / QH, w.nq - 1u);
-    }
-    prepare_q(n_rows, lid, WG);
-    if (K_DTYPE == 2u) {
-        let groups = HEAD_DIM / K_GROUP;
-        for (var i = lid; i < n_rows * groups; i += WG) {
-            let r = i / groups;
-            let g = i % groups;
-            var s = 0.0;
-            for (var e = 0u; e < K_GROUP; e++) {
-                s += q_sh[r * HEAD_DIM + g * K_GROUP + e];
-            }
-            qsum_sh[r * 32u + g] = s;
+    prepare_q(ROWS, lid, WG);
+    let z = lid / KT;
+    let x = lid % KT;
+    let on = x * DL < HEAD_DIM;
+    let xs = min(x, HEAD_DIM / DL - 1u); // the slice a lane past head_dim loads anyway
+    for (var r = 0u; r < ROWS; r++) {
+        var sum = 0.0;
+        for (var e = 0u; e < DL; e++) {
+            let v = select(0.0, q_sh[r * HEAD_DIM + xs * DL + e], on);
+            qr[r * DL + e] = v;
+            sum += v;
         }
-        workgroupBarrier();
+        qsum[r] = sum;
+        m[r] = -3.0e38;
+        l[r] = 0.0;
+        accm[r] = 0.0;
+        pos[r] = w.pos0 + min(r / QH, w.nq - 1u);
     }
-
-    // Each invocation owns `own` consecutive output elements of one row, a power
-    // of two of them per row so that runs stay word aligned (spare ones idle).
-    let per_row = 1u << firstLeadingBit(WG / n_rows);
-    let my_row = lid / per_row;
-    let own = (HEAD_DIM + per_row - 1u) / per_row;
-    let d0 = (lid % per_row) * own;
-    var acc: array<f32, MAX_OWN>;
-    var l = 0.0;
-    for (var e = 0u; e < MAX_OWN; e++) {
+    for (var e = 0u; e < 64u; e++) {
         acc[e] = 0.0;
     }
+    workgroupBarrier(); // q_sh is scratch from here on
 
-    for (var t0 = w.begin; t0 < w.end; t0 += TILE) {
-        // Scores: one key per invocation, every row.
-        let t = t0 + lid;
-        if (t < w.end) {
-            let row = kv_addr(w.table_offset, w.kvh, t);
-            row_sh[lid] = row;
-            let dots = qk(row, n_rows);
-            for (var r = 0u; r < n_rows; r++) {
-                var s = dots[r];
-                if (P.softcap > 0.0) {
-                    s = P.softcap * tanh(s / P.softcap);
-                }
-                let pos = pos_sh[r];
-                let visible = t <= pos && (P.window == 0u || t + P.window > pos);
-                p_sh[lid * MAX_ROWS + r] = select(-3.0e38, s, visible);
-            }
-        } else {
-            for (var r = 0u; r < n_rows; r++) {
-                p_sh[lid * MAX_ROWS + r] = -3.0e38;
-            }
+    // Every invocation runs every step, so that sum_over_lanes may synchronise.
+    for (var t0 = w.begin; t0 < w.end; t0 += NZ * KB) {
+        load_step(w, t0, z, xs);
+        for (var j = 0u; j < KB; j++) {
+            qk(j, xs);
         }
-        workgroupBarrier();
-        if (lid < n_rows) {
-            var m = m_sh[lid];
-            for (var i = 0u; i < TILE; i++) {
-                m = max(m, p_sh[i * MAX_ROWS + lid]);
-            }
-            corr_sh[lid] = exp(m_sh[lid] - m);
-            m_sh[lid] = m;
-        }
-        workgroupBarrier();
-        for (var r = 0u; r < n_rows; r++) {
-            let s = p_sh[lid * MAX_ROWS + r];
-            p_sh[lid * MAX_ROWS + r] = select(0.0, exp(s - m_sh[r]), s > -1.0e38);
-        }
-        workgroupBarrier();
-
-        // Weighted V sum for the owned elements.
-        let corr = corr_sh[my_row];
-        l *= corr;
-        for (var e = 0u; e < own; e++) {
-            acc[e] *= corr;
-        }
-        let n_t = min(TILE, w.end - t0);
-        for (var i = 0u; i < n_t; i++) {
-            let p = p_sh[i * MAX_ROWS + my_row];
-            l += p;
-            accumulate_v(&acc, row_sh[i], d0, own, p);
-        }
-        workgroupBarrier();
-    }
-
-    // Partial for this row and split: (max, sum, acc).
-    if (my_row < n_rows && has_row(w, my_row) && d0 < HEAD_DIM) {
-        let base = partial_start(w, my_row);
-        for (var e = 0u; e < own; e++) {
-            let d = d0 + e;
-            if (d < HEAD_DIM) {
-                partial[base + 2u + d] = acc[e];
-            }
-        }
-        if (d0 == 0u) {
-            partial[base] = m_sh[my_row];
-            partial[base + 1u] = l;
+        sum_over_lanes(lid);
+        softmax_step(w, t0, z);
+        for (var j = 0u; j < KB; j++) {
+            pv(j, xs);
         }
     }
+    merge_slots(w, lid, z, x);
 }

@@ -115,10 +115,12 @@ fn decode_matches_reference_for_every_dtype_pair() {
     }
 }
 
-/// Both wgpu attention kernels on the GPU adapter: `attention_lanes.wgsl` (chosen
-/// on CPU adapters with subgroups, such as llvmpipe) and `attention.wgsl`.
+/// Every wgpu attention kernel on the GPU adapter: `attention_lanes.wgsl` (chosen
+/// on CPU adapters with subgroups, such as llvmpipe) and `attention.wgsl`, summing
+/// over a key's lanes with subgroups (where the adapter's hold a slot: D 64 and
+/// the 16-dim Int8 lanes at D 128 on llvmpipe's 8) and through workgroup memory.
 #[test]
-fn both_wgpu_kernels_match_reference() {
+fn every_wgpu_kernel_matches_reference() {
     let Some(gpu) = common::gpu() else { return };
     let open = || kvq::wgpu::WgpuBackend::open_named(&gpu.info().name).unwrap();
     let lanes = open();
@@ -130,7 +132,11 @@ fn both_wgpu_kernels_match_reference() {
             "llvmpipe should run attention_lanes.wgsl"
         );
     }
-    let kernels: [Arc<dyn Backend>; 2] = [Arc::new(lanes), Arc::new(open().without_lanes())];
+    let kernels: [Arc<dyn Backend>; 3] = [
+        Arc::new(lanes),
+        Arc::new(open().without_lanes()),
+        Arc::new(open().without_lanes().without_subgroups()),
+    ];
     for b in kernels {
         for (k, v) in PAIRS {
             check_decode(&b, k, v, 128, 4, AttnParams::new(0));

@@ -3,16 +3,18 @@
 
 mod common;
 
-use kvq::wgpu::attention::{decode_heads_per_group, lanes_fit, prefill_heads_per_group};
+use kvq::wgpu::attention::{
+    LANE_FLOATS, decode_heads_per_group, lane_shape, lanes_fit, prefill_heads_per_group,
+};
 use kvq::wgpu::pipelines::PipelineKey;
-use kvq::wgpu::shaders::{Kernel, validate};
+use kvq::wgpu::shaders::{Kernel, PRELUDES, validate};
 use kvq::{CacheConfig, KvDtype};
 
 /// Storage buffers + the uniform each kernel binds in `src/wgpu/`.
 fn bindings(kernel: Kernel) -> usize {
     match kernel {
         Kernel::QuantizeAppend | Kernel::Dequantize => 5,
-        Kernel::Attention | Kernel::AttentionLanes => 9,
+        Kernel::Attention | Kernel::AttentionSubgroup | Kernel::AttentionLanes => 9,
         Kernel::AttnReduce | Kernel::Stream => 3,
     }
 }
@@ -50,7 +52,18 @@ fn keys() -> Vec<PipelineKey> {
                         let prefill = prefill_heads_per_group(ratio);
                         for (qh, qb) in [(decode_heads_per_group(ratio), 1), (prefill, 8 / prefill)]
                         {
-                            keys.push(PipelineKey::attention(&kl, &vl, qh, qb));
+                            // The default register budget and the smallest lanes.
+                            let mut shapes = [LANE_FLOATS, 8]
+                                .map(|floats| lane_shape(&kl, &vl, qh * qb, floats))
+                                .to_vec();
+                            shapes.dedup();
+                            for shape in shapes {
+                                for subgroup in [false, true] {
+                                    keys.push(PipelineKey::attention(
+                                        &kl, &vl, qh, qb, shape, subgroup,
+                                    ));
+                                }
+                            }
                             if lanes_fit(&kl, &vl) {
                                 keys.push(PipelineKey::attention_lanes(&kl, &vl, qh, qb));
                             }
@@ -76,13 +89,14 @@ fn every_kernel_parses_and_validates() {
     assert!(errors.is_empty(), "naga rejected:\n{}", errors.join("\n"));
 }
 
-/// Naga checks every kernel but the lanes one without subgroups (they are the
-/// fallback on every adapter, DESIGN §4); the lanes kernel does need them.
+/// Naga checks every kernel but the subgroup ones without subgroups (they are the
+/// fallback on every adapter, DESIGN §4); the subgroup ones do need them.
 #[test]
-fn lanes_kernel_is_rejected_without_subgroups() {
-    let k = Kernel::AttentionLanes;
-    let without = k.capabilities() - naga::valid::Capabilities::SUBGROUP;
-    assert!(validate(k.file(), &k.source(), without).is_err());
+fn subgroup_kernels_are_rejected_without_subgroups() {
+    for k in [Kernel::AttentionLanes, Kernel::AttentionSubgroup] {
+        let without = k.capabilities() - naga::valid::Capabilities::SUBGROUP;
+        assert!(validate(k.file(), &k.source(), without).is_err(), "{k:?}");
+    }
 }
 
 #[test]
@@ -90,7 +104,7 @@ fn every_file_in_shaders_is_a_kernel_or_a_prelude() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
     for entry in std::fs::read_dir(dir).unwrap() {
         let name = entry.unwrap().file_name().into_string().unwrap();
-        if name.ends_with(".wgsl") && name != "common.wgsl" && name != "attn_common.wgsl" {
+        if name.ends_with(".wgsl") && !PRELUDES.contains(&name.as_str()) {
             assert!(
                 Kernel::ALL.iter().any(|k| k.file() == name),
                 "{name} is not registered in Kernel::ALL"

@@ -186,6 +186,11 @@ impl AttnArgs<'_> {
         }
         kl.check()?;
         self.v.layout.check()?;
+        for (data, side, pool) in [("K data", "K side", self.k), ("V data", "V side", self.v)] {
+            pool.data
+                .check_range(data, 0, pool.layout.data_alloc_words())?;
+            pool.side.check_range(side, 0, pool.layout.side_words())?;
+        }
         let row = self.params.q_heads as usize * kl.head_dim;
         let rows = self.queries() * row;
         self.q.check_range("q", 0, rows)?;

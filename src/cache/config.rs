@@ -165,6 +165,12 @@ impl PoolLayout {
         self.num_blocks * self.kv_heads * self.block_size * self.words_per_head()
     }
 
+    /// Words a pool's code buffer is allocated with: [`data_words`](Self::data_words)
+    /// rounded up to whole 16-byte vectors, which the attention kernels load.
+    pub fn data_alloc_words(&self) -> usize {
+        self.data_words().next_multiple_of(4)
+    }
+
     /// Total side words.
     pub fn side_words(&self) -> usize {
         self.num_blocks * self.kv_heads * self.block_size * self.side_per_head()

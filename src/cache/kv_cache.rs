@@ -90,7 +90,7 @@ impl KvCache {
         let pool = |dtype: KvDtype| -> Result<Pool> {
             let layout = config.layout(dtype);
             Ok(Pool {
-                data: backend.alloc(layout.data_words())?,
+                data: backend.alloc(layout.data_alloc_words())?,
                 side: backend.alloc(layout.side_words().max(1))?,
                 layout,
             })

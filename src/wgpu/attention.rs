@@ -9,10 +9,67 @@ use crate::backend::{AttnArgs, Backend, DeviceType};
 use crate::cache::PoolLayout;
 use crate::{Error, Result};
 
-/// Keys per tile in the kernel (one per invocation).
+/// Keys of a split are a multiple of this (and of the kernel's keys per step).
 const TILE: usize = 64;
 /// Query rows (q heads x positions) one workgroup takes.
 const MAX_ROWS: u32 = 8;
+/// Invocations of an `attention.wgsl` workgroup.
+const WG: u32 = 64;
+/// Registers an `attention.wgsl` lane spends on its dims of the q rows, and again on
+/// its dims of the output rows, by default (see [`lane_shape`]).
+pub const LANE_FLOATS: u32 = 64;
+/// Workgroups a decode call aims for on a GPU: wgpu reports no count of compute
+/// units, so enough for the largest (an H200 holds 132 SMs x 16 resident
+/// workgroups of 64 invocations).
+const GPU_WORKGROUPS: usize = 2048;
+/// Workgroups per CPU thread on a CPU adapter.
+const CPU_WORKGROUPS_PER_THREAD: usize = 8;
+/// Fewest keys worth a split of their own: its setup (q staging, slot merge,
+/// partial write and reduce) is amortised over at least this many.
+const MIN_SPLIT: usize = 256;
+
+/// How `attention.wgsl` lays a K or V row over the lanes of a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LaneShape {
+    /// Dims of a row per lane: 8, 16 or 32.
+    pub dims: u32,
+    /// Lanes per slot: a power of two, at least head_dim / dims.
+    pub lanes: u32,
+    /// Keys a slot takes per step.
+    pub keys: u32,
+}
+
+impl LaneShape {
+    /// Keys a workgroup takes per step.
+    pub fn keys_per_step(&self) -> u32 {
+        WG / self.lanes * self.keys
+    }
+}
+
+/// The lane shape for pools `k` and `v` and `rows` query rows: as many dims per
+/// lane as one 16-byte load holds of the wider of K and V, halved while the lane's
+/// dims of every row exceed `lane_floats` registers (each for q and the output), and
+/// dividing head_dim and every Int4 group; at least 2 lanes, so that the kernel's
+/// per-slot arrays hold 32 slots; 4 keys per step, 2 past 4 rows, so that a step's
+/// partial dots stay 16 per lane.
+pub fn lane_shape(k: &PoolLayout, v: &PoolLayout, rows: u32, lane_floats: u32) -> LaneShape {
+    let bits = |l: &PoolLayout| 16 >> l.dtype.tag();
+    let d = k.head_dim as u32;
+    let mut dims = 128 / bits(k).max(bits(v));
+    while dims > 8
+        && (dims * rows > lane_floats
+            || d % dims != 0
+            || k.dtype.group() % dims != 0
+            || v.dtype.group() % dims != 0)
+    {
+        dims /= 2;
+    }
+    LaneShape {
+        dims,
+        lanes: (d / dims).next_power_of_two().max(2),
+        keys: if rows <= 4 { 4 } else { 2 },
+    }
+}
 
 /// One query per sequence; keys split so that the device stays busy.
 pub fn decode(b: &WgpuBackend, args: &AttnArgs<'_>) -> Result<()> {
@@ -98,23 +155,37 @@ fn run(b: &WgpuBackend, args: &AttnArgs<'_>, qh: u32, qb: u32) -> Result<()> {
         }
     }
     let items = (meta.len() as u32 - work_offset) / 2;
+    let (attn_key, step) = if b.lanes && lanes_fit(kl, &args.v.layout) {
+        (
+            PipelineKey::attention_lanes(kl, &args.v.layout, qh, qb),
+            LANES,
+        )
+    } else {
+        let shape = lane_shape(kl, &args.v.layout, qh * qb, b.lane_floats);
+        let subgroup = b.subgroup_size.is_some_and(|s| shape.lanes <= s);
+        (
+            PipelineKey::attention(kl, &args.v.layout, qh, qb, shape, subgroup),
+            shape.keys_per_step(),
+        )
+    };
     // Grid x: head blocks, those of one kv head adjacent so that they share its
     // K/V in cache when the group takes more than one.
     let head_blocks = kl.kv_heads as u32 * p.group_ratio.div_ceil(qh);
+    let tile = TILE.max(step as usize);
     let (splits, split_len) = if qb == 1 {
-        split_keys(b, args.max_kv_len(), items as usize * head_blocks as usize)
+        split_keys(
+            b,
+            args.max_kv_len(),
+            items as usize * head_blocks as usize,
+            tile,
+        )
     } else {
-        (1, args.max_kv_len().div_ceil(TILE) * TILE)
+        (1, args.max_kv_len().div_ceil(tile) * tile)
     };
     let rows = args.queries() * p.q_heads as usize;
     let partial = b.alloc(rows * splits * (d + 2))?;
     let meta_buf = b.alloc(meta.len())?;
     b.upload(&meta_buf, 0, &meta)?;
-    let attn_key = if b.lanes && lanes_fit(kl, &args.v.layout) {
-        PipelineKey::attention_lanes(kl, &args.v.layout, qh, qb)
-    } else {
-        PipelineKey::attention(kl, &args.v.layout, qh, qb)
-    };
     let uniform = [
         kl.kv_heads as u32,
         kl.block_size as u32,
@@ -169,24 +240,69 @@ fn run(b: &WgpuBackend, args: &AttnArgs<'_>, qh: u32, qb: u32) -> Result<()> {
 }
 
 /// Splits of the longest sequence's keys: enough workgroups to fill the device,
-/// each split a whole number of tiles and not too short to amortise its setup.
-fn split_keys(b: &WgpuBackend, max_kv_len: usize, groups: usize) -> (usize, usize) {
-    let target: usize = match b.info().device_type {
-        DeviceType::Cpu => 16,
-        _ => 512,
+/// each split a whole number of tiles and at least [`MIN_SPLIT`] keys.
+fn split_keys(b: &WgpuBackend, max_kv_len: usize, groups: usize, tile: usize) -> (usize, usize) {
+    let target = match b.info().device_type {
+        DeviceType::Cpu => {
+            let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+            threads * CPU_WORKGROUPS_PER_THREAD
+        }
+        _ => GPU_WORKGROUPS,
     };
-    let tiles = max_kv_len.div_ceil(TILE).max(1);
-    let min_tiles = 4;
+    let tiles = max_kv_len.div_ceil(tile).max(1);
+    let min_tiles = MIN_SPLIT.div_ceil(tile);
+    let max_splits = b.info().limits.max_workgroups_per_dimension as usize;
     let splits = target
         .div_ceil(groups.max(1))
-        .clamp(1, tiles.div_ceil(min_tiles).max(1));
+        .clamp(1, tiles.div_ceil(min_tiles).clamp(1, max_splits));
     let split_tiles = tiles.div_ceil(splits);
-    (tiles.div_ceil(split_tiles), split_tiles * TILE)
+    (tiles.div_ceil(split_tiles), split_tiles * tile)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{decode_heads_per_group, prefill_heads_per_group};
+    use super::{
+        LANE_FLOATS, LaneShape, decode_heads_per_group, lane_shape, prefill_heads_per_group,
+    };
+    use crate::{CacheConfig, KvDtype};
+
+    #[test]
+    fn lanes_take_16_bytes_within_the_register_budget() {
+        let (f16, int8, int4) = (KvDtype::F16, KvDtype::Int8, KvDtype::Int4 { group: 32 });
+        let shape = |k: KvDtype, v: KvDtype, d: usize, rows: u32| {
+            let cfg = CacheConfig::new(1, 8, d, 64);
+            let s = lane_shape(&cfg.layout(k), &cfg.layout(v), rows, LANE_FLOATS);
+            (s.dims, s.lanes, s.keys)
+        };
+        // 16 bytes of the wider dtype per lane: 8 f16, 16 Int8, 32 Int4 dims...
+        assert_eq!(shape(f16, int8, 128, 4), (8, 16, 4));
+        assert_eq!(shape(int8, int8, 128, 4), (16, 8, 4));
+        assert_eq!(shape(int4, int4, 128, 2), (32, 4, 4));
+        // ...within 64 registers for the rows' dims, and 2 keys a step past 4 rows...
+        assert_eq!(shape(int4, int4, 128, 4), (16, 8, 4));
+        assert_eq!(shape(int8, int4, 128, 8), (8, 16, 2));
+        // ...dividing Int4 groups and head_dim, lanes a power of two, at least 2.
+        let g8 = KvDtype::Int4 { group: 8 };
+        assert_eq!(shape(g8, int4, 128, 1), (8, 16, 4));
+        assert_eq!(shape(f16, f16, 80, 4), (8, 16, 4));
+        assert_eq!(shape(int8, int8, 80, 1), (16, 8, 4));
+        assert_eq!(shape(f16, f16, 8, 1), (8, 2, 4));
+        let narrow = lane_shape(
+            &CacheConfig::new(1, 8, 128, 64).layout(int8),
+            &CacheConfig::new(1, 8, 128, 64).layout(int8),
+            4,
+            32,
+        );
+        assert_eq!(
+            narrow,
+            LaneShape {
+                dims: 8,
+                lanes: 16,
+                keys: 4
+            }
+        );
+        assert_eq!(narrow.keys_per_step(), 16);
+    }
 
     const RATIOS: [u32; 10] = [1, 3, 4, 7, 8, 9, 12, 16, 32, 71];
 

@@ -32,6 +32,11 @@ pub struct WgpuBackend {
     pipelines: Pipelines,
     /// Attention uses `attention_lanes.wgsl` (see [`attention::suits_lanes`]).
     lanes: bool,
+    /// The adapter's smallest subgroup, when the device has subgroups and
+    /// `attention.wgsl` may sum over a key's lanes with them.
+    subgroup_size: Option<u32>,
+    /// `attention.wgsl`'s register budget per lane ([`attention::lane_shape`]).
+    lane_floats: u32,
 }
 
 impl WgpuBackend {
@@ -74,12 +79,19 @@ impl WgpuBackend {
     fn new(device: wgpu::Device, queue: wgpu::Queue, adapter: &wgpu::AdapterInfo) -> Self {
         let info = describe(adapter, &device.limits(), device.features());
         let lanes = attention::suits_lanes(adapter, device.features());
+        let subgroup_size = device
+            .features()
+            .contains(wgpu::Features::SUBGROUP)
+            .then_some(adapter.subgroup_min_size)
+            .filter(|&s| s > 0);
         WgpuBackend {
             device,
             queue,
             info,
             pipelines: Pipelines::default(),
             lanes,
+            subgroup_size,
+            lane_floats: attention::LANE_FLOATS,
         }
     }
 
@@ -88,6 +100,25 @@ impl WgpuBackend {
     pub fn without_lanes(mut self) -> Self {
         self.lanes = false;
         self
+    }
+
+    /// Runs `attention.wgsl`'s sums over a key's lanes through workgroup memory even
+    /// where the adapter's subgroups could take them: the fallback, on any adapter.
+    pub fn without_subgroups(mut self) -> Self {
+        self.subgroup_size = None;
+        self
+    }
+
+    /// Sets `attention.wgsl`'s register budget per lane (default
+    /// [`attention::LANE_FLOATS`]): fewer dims per lane below it, for tuning on a GPU.
+    pub fn with_lane_floats(mut self, floats: u32) -> Self {
+        self.lane_floats = floats.max(8);
+        self
+    }
+
+    /// The smallest subgroup `attention.wgsl` may sum over with shuffles, if any.
+    pub fn subgroup_size(&self) -> Option<u32> {
+        self.subgroup_size
     }
 
     /// Whether attention uses `attention_lanes.wgsl` where the pools fit it.

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use super::attention::LaneShape;
 use super::shaders::{self, Kernel};
 use crate::cache::PoolLayout;
 use crate::quant::hadamard_norm;
@@ -32,23 +33,26 @@ impl PipelineKey {
         }
     }
 
-    /// The attention kernel over pools `k` and `v` for `qh` q heads and `qb`
-    /// positions per workgroup.
-    pub fn attention(k: &PoolLayout, v: &PoolLayout, qh: u32, qb: u32) -> Self {
+    /// `attention.wgsl` over pools `k` and `v` for `qh` q heads and `qb` positions
+    /// per workgroup, its rows laid over lanes as `lanes` says, summing over a key's
+    /// lanes with subgroup shuffles or through workgroup memory.
+    pub fn attention(
+        k: &PoolLayout,
+        v: &PoolLayout,
+        qh: u32,
+        qb: u32,
+        lanes: LaneShape,
+        subgroup: bool,
+    ) -> Self {
+        let mut constants = attention_constants(k, v, qh, qb);
+        constants.extend([("DL", lanes.dims), ("KT", lanes.lanes), ("KB", lanes.keys)]);
         PipelineKey {
-            kernel: Kernel::Attention,
-            constants: vec![
-                ("K_DTYPE", k.dtype.tag()),
-                ("V_DTYPE", v.dtype.tag()),
-                ("HEAD_DIM", k.head_dim as u32),
-                ("K_GROUP", k.dtype.group().max(8)),
-                ("V_GROUP", v.dtype.group().max(8)),
-                ("QH", qh),
-                ("QB", qb),
-                ("BLOCK_SIZE", k.block_size as u32),
-                ("ROTATE_Q", k.rotated as u32),
-                ("NORM_BITS", norm_bits(k.head_dim)),
-            ],
+            kernel: if subgroup {
+                Kernel::AttentionSubgroup
+            } else {
+                Kernel::Attention
+            },
+            constants,
         }
     }
 
@@ -57,7 +61,7 @@ impl PipelineKey {
     pub fn attention_lanes(k: &PoolLayout, v: &PoolLayout, qh: u32, qb: u32) -> Self {
         PipelineKey {
             kernel: Kernel::AttentionLanes,
-            ..Self::attention(k, v, qh, qb)
+            constants: attention_constants(k, v, qh, qb),
         }
     }
 
@@ -158,6 +162,27 @@ impl Pipelines {
         pipelines.insert(key.clone(), pipeline.clone());
         pipeline
     }
+}
+
+/// The override constants both attention kernels share.
+fn attention_constants(
+    k: &PoolLayout,
+    v: &PoolLayout,
+    qh: u32,
+    qb: u32,
+) -> Vec<(&'static str, u32)> {
+    vec![
+        ("K_DTYPE", k.dtype.tag()),
+        ("V_DTYPE", v.dtype.tag()),
+        ("HEAD_DIM", k.head_dim as u32),
+        ("K_GROUP", k.dtype.group().max(8)),
+        ("V_GROUP", v.dtype.group().max(8)),
+        ("QH", qh),
+        ("QB", qb),
+        ("BLOCK_SIZE", k.block_size as u32),
+        ("ROTATE_Q", k.rotated as u32),
+        ("NORM_BITS", norm_bits(k.head_dim)),
+    ]
 }
 
 /// f32 bits of the rotation's normalisation, passed exactly (WGSL's `inverseSqrt`

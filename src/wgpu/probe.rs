@@ -89,12 +89,21 @@ pub fn describe(info: &wgpu::AdapterInfo, l: &wgpu::Limits, f: wgpu::Features) -
     };
     let mut features = Vec::new();
     for (flag, name) in [
-        (wgpu::Features::SHADER_F16, "shader-f16"),
-        (wgpu::Features::SUBGROUP, "subgroups"),
-        (wgpu::Features::TIMESTAMP_QUERY, "timestamp-query"),
+        (wgpu::Features::SHADER_F16, "shader-f16".to_string()),
+        (
+            wgpu::Features::SUBGROUP,
+            format!(
+                "subgroups {}-{}",
+                info.subgroup_min_size, info.subgroup_max_size
+            ),
+        ),
+        (
+            wgpu::Features::TIMESTAMP_QUERY,
+            "timestamp-query".to_string(),
+        ),
     ] {
         if f.contains(flag) {
-            features.push(name.to_string());
+            features.push(name);
         }
     }
     BackendInfo {
