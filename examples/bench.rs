@@ -2,13 +2,16 @@
 //! measured in the same run on the same device (DESIGN §5).
 //!
 //!     cargo run --release --example bench -- --backend wgpu --context 1024,4096,16384 \
-//!         --batch 1 --q-heads 32 --kv-heads 8 --head-dim 128 --dtypes f16,int8,int4 \
+//!         --batch 1,16 --q-heads 32 --kv-heads 8 --head-dim 128 --dtypes f16,int8,int4 \
 //!         [--json] [--plot FILE.svg] [--iters N] [--prefill N] [--append] [--generic]
+//!         [--no-subgroups] [--lane-floats N]
 //!
 //! `--prefill N` times causal prefill of the last N tokens of each sequence instead
 //! of decode; `--append` times quantize-append of `context` tokens. `--generic`
 //! runs wgpu's GPU-shaped attention kernel even on a CPU adapter, where
-//! `attention_lanes.wgsl` is otherwise chosen.
+//! `attention_lanes.wgsl` is otherwise chosen; `--no-subgroups` makes it sum over a
+//! key's lanes through workgroup memory, and `--lane-floats N` sets its register
+//! budget per lane (see `kvq::wgpu::attention::lane_shape`).
 //!
 //! A dtype is `K` or `K/V` (e.g. `int8/int4`). Times are medians of wall-clock time
 //! from submit to completion after warm-up. Every dtype's call and its roofline are
@@ -26,8 +29,10 @@ use kvq::{AttnParams, Backend, CacheConfig, Error, KvCache, KvDtype, Preference,
 struct Opts {
     backend: Option<BackendKind>,
     generic: bool,
+    no_subgroups: bool,
+    lane_floats: Option<u32>,
     contexts: Vec<usize>,
-    batch: usize,
+    batches: Vec<usize>,
     q_heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -43,8 +48,10 @@ fn parse() -> Result<Opts> {
     let mut o = Opts {
         backend: None,
         generic: false,
+        no_subgroups: false,
+        lane_floats: None,
         contexts: vec![1024, 4096, 16384],
-        batch: 1,
+        batches: vec![1],
         q_heads: 32,
         kv_heads: 8,
         head_dim: 128,
@@ -67,16 +74,18 @@ fn parse() -> Result<Opts> {
                 .ok_or_else(|| Error::InvalidConfig(format!("{flag} needs a value")))
         };
         let num = |v: String| v.trim().parse::<usize>().map_err(|_| bad(&flag, &v));
+        let nums = |v: String| {
+            v.split(',')
+                .map(|c| num(c.to_string()))
+                .collect::<Result<_>>()
+        };
         match flag.as_str() {
             "--backend" => o.backend = Some(value()?.parse()?),
             "--generic" => o.generic = true,
-            "--context" => {
-                o.contexts = value()?
-                    .split(',')
-                    .map(|c| num(c.to_string()))
-                    .collect::<Result<_>>()?
-            }
-            "--batch" => o.batch = num(value()?)?,
+            "--no-subgroups" => o.no_subgroups = true,
+            "--lane-floats" => o.lane_floats = Some(num(value()?)? as u32),
+            "--context" => o.contexts = nums(value()?)?,
+            "--batch" => o.batches = nums(value()?)?,
             "--q-heads" => o.q_heads = num(value()?)?,
             "--kv-heads" => o.kv_heads = num(value()?)?,
             "--head-dim" => o.head_dim = num(value()?)?,
@@ -99,7 +108,7 @@ fn parse() -> Result<Opts> {
                     "{}",
                     include_str!("bench.rs")
                         .lines()
-                        .take(10)
+                        .take(14)
                         .collect::<Vec<_>>()
                         .join("\n")
                 );
@@ -113,7 +122,7 @@ fn parse() -> Result<Opts> {
             "--prefill is longer than a context".into(),
         ));
     }
-    if o.batch == 0 || o.contexts.contains(&0) {
+    if o.batches.is_empty() || o.batches.contains(&0) || o.contexts.contains(&0) {
         return Err(Error::InvalidConfig(
             "batch and contexts must be positive".into(),
         ));
@@ -124,6 +133,7 @@ fn parse() -> Result<Opts> {
 struct Row {
     k: KvDtype,
     v: KvDtype,
+    batch: usize,
     context: usize,
     median_us: f64,
     bytes: usize,
@@ -184,8 +194,14 @@ struct Case {
 }
 
 impl Case {
-    fn new(b: &Arc<dyn Backend>, o: &Opts, k: KvDtype, v: KvDtype, context: usize) -> Result<Case> {
-        let cfg = CacheConfig::new(1, o.kv_heads, o.head_dim, o.batch * context).with_dtypes(k, v);
+    fn new(
+        b: &Arc<dyn Backend>,
+        o: &Opts,
+        (k, v): (KvDtype, KvDtype),
+        batch: usize,
+        context: usize,
+    ) -> Result<Case> {
+        let cfg = CacheConfig::new(1, o.kv_heads, o.head_dim, batch * context).with_dtypes(k, v);
         let mut cache = KvCache::new(b.clone(), cfg)?;
         let row = o.kv_heads * o.head_dim;
         let mut ids = Vec::new();
@@ -201,7 +217,7 @@ impl Case {
                 })
                 .collect()
         };
-        for _ in 0..o.batch {
+        for _ in 0..batch {
             let s = cache.add_sequence();
             let mut done = 0;
             while done < context {
@@ -229,8 +245,8 @@ impl Case {
             b.upload(&buf, 0, w)?;
             Ok(buf)
         };
-        let rows = o.batch * q_len * o.q_heads * o.head_dim;
-        let bytes = o.batch
+        let rows = batch * q_len * o.q_heads * o.head_dim;
+        let bytes = batch
             * context
             * o.kv_heads
             * (k.bytes_per_token_head(o.head_dim) + v.bytes_per_token_head(o.head_dim));
@@ -282,12 +298,13 @@ impl Case {
     }
 }
 
-/// Every dtype at one context: attention and roofline calls timed in the same rounds.
-fn bench_context(b: &Arc<dyn Backend>, o: &Opts, context: usize) -> Result<Vec<Row>> {
+/// Every dtype at one batch and context: attention and roofline calls timed in the
+/// same rounds.
+fn bench_context(b: &Arc<dyn Backend>, o: &Opts, batch: usize, context: usize) -> Result<Vec<Row>> {
     let cases = o
         .dtypes
         .iter()
-        .map(|&(k, v)| Case::new(b, o, k, v, context))
+        .map(|&kv| Case::new(b, o, kv, batch, context))
         .collect::<Result<Vec<_>>>()?;
     let prefill = o.prefill > 0;
     let mut calls: Vec<Box<dyn FnMut() -> Result<()> + '_>> = Vec::new();
@@ -306,6 +323,7 @@ fn bench_context(b: &Arc<dyn Backend>, o: &Opts, context: usize) -> Result<Vec<R
         .map(|(c, t)| Row {
             k: c.k,
             v: c.v,
+            batch,
             context,
             median_us: median(t[0].clone()),
             bytes: c.bytes,
@@ -372,18 +390,28 @@ fn run() -> Result<()> {
     };
     let chosen = kvq::select(&pref)?;
     let mut b = chosen.backend;
-    if o.generic && b.info().kind == BackendKind::Wgpu {
-        let generic = kvq::wgpu::WgpuBackend::open_named(&b.info().name)?.without_lanes();
+    let tuned = o.generic || o.no_subgroups || o.lane_floats.is_some();
+    if tuned && b.info().kind == BackendKind::Wgpu {
+        let mut w = kvq::wgpu::WgpuBackend::open_named(&b.info().name)?;
         // Reopened by name, which llvmpipe's Vulkan and GL adapters share.
-        if generic.info().api != b.info().api {
+        if w.info().api != b.info().api {
             return Err(Error::NoBackend(format!(
-                "--generic reopened {:?} on {}, not {}",
+                "reopened {:?} on {}, not {}",
                 b.info().name,
-                generic.info().api,
+                w.info().api,
                 b.info().api
             )));
         }
-        b = Arc::new(generic);
+        if o.generic {
+            w = w.without_lanes();
+        }
+        if o.no_subgroups {
+            w = w.without_subgroups();
+        }
+        if let Some(n) = o.lane_floats {
+            w = w.with_lane_floats(n);
+        }
+        b = Arc::new(w);
     }
     if o.append {
         println!("backend: {}", chosen.reason);
@@ -392,62 +420,28 @@ fn run() -> Result<()> {
     if !o.json {
         println!("backend: {}", chosen.reason);
         println!(
-            "{}batch {} q_heads {} kv_heads {} head_dim {}; medians of {} rounds\n",
+            "{}q_heads {} kv_heads {} head_dim {}; medians of {} rounds\n",
             match o.prefill {
                 0 => "decode, ".to_string(),
                 n => format!("prefill of the last {n} tokens, "),
             },
-            o.batch,
             o.q_heads,
             o.kv_heads,
             o.head_dim,
             o.iters
         );
         println!(
-            "{:<9} {:<9} {:>7} {:>11} {:>10} {:>8} {:>10} {:>6} {:>8}",
-            "K", "V", "context", "median_us", "MB", "GB/s", "roof GB/s", "roof%", "vs f16"
+            "{:<9} {:<9} {:>5} {:>7} {:>11} {:>10} {:>8} {:>10} {:>6} {:>8}",
+            "K", "V", "batch", "context", "median_us", "MB", "GB/s", "roof GB/s", "roof%", "vs f16"
         );
     }
     let mut rows = Vec::new();
-    for &context in &o.contexts {
-        let rows_here = bench_context(&b, &o, context)?;
-        for r in rows_here {
-            let gbps = r.bytes as f64 / r.median_us / 1e3;
-            if o.json {
-                println!(
-                    "{{\"backend\":\"{}\",\"adapter\":{:?},\"k_dtype\":\"{}\",\"v_dtype\":\"{}\",\"context\":{},\"batch\":{},\"q_heads\":{},\"kv_heads\":{},\"head_dim\":{},\"median_us\":{:.1},\"bytes\":{},\"gbps\":{:.3},\"roofline_gbps\":{:.3}}}",
-                    b.info().kind,
-                    b.info().name,
-                    r.k,
-                    r.v,
-                    context,
-                    o.batch,
-                    o.q_heads,
-                    o.kv_heads,
-                    o.head_dim,
-                    r.median_us,
-                    r.bytes,
-                    gbps,
-                    r.roofline_gbps
-                );
-            } else {
-                let roof = format!("{:.2}", r.roofline_gbps);
-                let frac = format!("{:.0}%", 100.0 * gbps / r.roofline_gbps);
-                let ratio = r.vs_f16.map_or("-".into(), |x| format!("{x:.2}x"));
-                println!(
-                    "{:<9} {:<9} {:>7} {:>11.0} {:>10.2} {:>8.2} {:>10} {:>6} {:>8}",
-                    r.k.to_string(),
-                    r.v.to_string(),
-                    context,
-                    r.median_us,
-                    r.bytes as f64 / 1e6,
-                    gbps,
-                    roof,
-                    frac,
-                    ratio
-                );
+    for &batch in &o.batches {
+        for &context in &o.contexts {
+            for r in bench_context(&b, &o, batch, context)? {
+                print_row(&o, b.info(), &r);
+                rows.push(r);
             }
-            rows.push(r);
         }
     }
     if let Some(path) = &o.plot {
@@ -457,6 +451,49 @@ fn run() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One row: a line of JSON with `--json`, of the table otherwise.
+fn print_row(o: &Opts, info: &kvq::BackendInfo, r: &Row) {
+    let gbps = r.bytes as f64 / r.median_us / 1e3;
+    if o.json {
+        let vs_f16 = r.vs_f16.map_or("null".into(), |x| format!("{x:.4}"));
+        println!(
+            "{{\"backend\":\"{}\",\"adapter\":{:?},\"k_dtype\":\"{}\",\"v_dtype\":\"{}\",\"context\":{},\"batch\":{},\"q_heads\":{},\"kv_heads\":{},\"head_dim\":{},\"prefill\":{},\"median_us\":{:.1},\"bytes\":{},\"gbps\":{:.3},\"roofline_gbps\":{:.3},\"vs_f16\":{}}}",
+            info.kind,
+            info.name,
+            r.k,
+            r.v,
+            r.context,
+            r.batch,
+            o.q_heads,
+            o.kv_heads,
+            o.head_dim,
+            o.prefill,
+            r.median_us,
+            r.bytes,
+            gbps,
+            r.roofline_gbps,
+            vs_f16
+        );
+    } else {
+        let roof = format!("{:.2}", r.roofline_gbps);
+        let frac = format!("{:.0}%", 100.0 * gbps / r.roofline_gbps);
+        let ratio = r.vs_f16.map_or("-".into(), |x| format!("{x:.2}x"));
+        println!(
+            "{:<9} {:<9} {:>5} {:>7} {:>11.0} {:>10.2} {:>8.2} {:>10} {:>6} {:>8}",
+            r.k.to_string(),
+            r.v.to_string(),
+            r.batch,
+            r.context,
+            r.median_us,
+            r.bytes as f64 / 1e6,
+            gbps,
+            roof,
+            frac,
+            ratio
+        );
+    }
 }
 
 fn plot(path: &str, rows: &[Row]) -> std::result::Result<(), Box<dyn std::error::Error>> {

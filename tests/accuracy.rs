@@ -58,8 +58,12 @@ struct Data {
     d: usize,
 }
 
+/// `tests/data/name`, or `$KVQ_TEST_DATA/name` for a test binary run away from its
+/// source tree (tools/gpu-check).
 fn load(name: &str) -> (Vec<f32>, [usize; 3]) {
-    let path = format!("{}/tests/data/{name}", env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::var("KVQ_TEST_DATA")
+        .unwrap_or_else(|_| format!("{}/tests/data", env!("CARGO_MANIFEST_DIR")));
+    let path = format!("{dir}/{name}");
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     let npy = npyz::NpyFile::new(&bytes[..]).unwrap();
     let s = npy.shape().to_vec();
