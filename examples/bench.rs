@@ -4,7 +4,7 @@
 //!     cargo run --release --example bench -- --backend wgpu --context 1024,4096,16384 \
 //!         --batch 1,16 --q-heads 32 --kv-heads 8 --head-dim 128 --dtypes f16,int8,int4 \
 //!         [--json] [--plot FILE.svg] [--iters N] [--prefill N] [--append] [--generic]
-//!         [--no-subgroups] [--lane-floats N]
+//!         [--no-subgroups] [--lane-floats N] [--wall]
 //!
 //! `--prefill N` times causal prefill of the last N tokens of each sequence instead
 //! of decode; `--append` times quantize-append of `context` tokens. `--generic`
@@ -13,11 +13,12 @@
 //! key's lanes through workgroup memory, and `--lane-floats N` sets its register
 //! budget per lane (see `kvq::wgpu::attention::lane_shape`).
 //!
-//! A dtype is `K` or `K/V` (e.g. `int8/int4`). Times are medians of wall-clock time
-//! from submit to completion after warm-up. Every dtype's call and its roofline are
-//! timed in the same interleaved rounds, and "vs f16" is the median over rounds of
-//! the call's time over F16's in that round, so that ratios hold on a shared, noisy
-//! machine.
+//! A dtype is `K` or `K/V` (e.g. `int8/int4`). Times are medians after warm-up of
+//! the device time of the call's kernels, from timestamp queries where the device
+//! has them (DESIGN §5), otherwise (or with `--wall`) of wall-clock time from submit
+//! to completion. Every dtype's call and its roofline are timed in the same
+//! interleaved rounds, and "vs f16" is the median over rounds of the call's time
+//! over F16's in that round, so that ratios hold on a shared, noisy machine.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,6 +32,7 @@ struct Opts {
     generic: bool,
     no_subgroups: bool,
     lane_floats: Option<u32>,
+    wall: bool,
     contexts: Vec<usize>,
     batches: Vec<usize>,
     q_heads: usize,
@@ -50,6 +52,7 @@ fn parse() -> Result<Opts> {
         generic: false,
         no_subgroups: false,
         lane_floats: None,
+        wall: false,
         contexts: vec![1024, 4096, 16384],
         batches: vec![1],
         q_heads: 32,
@@ -83,6 +86,7 @@ fn parse() -> Result<Opts> {
             "--backend" => o.backend = Some(value()?.parse()?),
             "--generic" => o.generic = true,
             "--no-subgroups" => o.no_subgroups = true,
+            "--wall" => o.wall = true,
             "--lane-floats" => o.lane_floats = Some(num(value()?)? as u32),
             "--context" => o.contexts = nums(value()?)?,
             "--batch" => o.batches = nums(value()?)?,
@@ -147,19 +151,26 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-fn time(iters: usize, f: impl FnMut() -> Result<()>) -> Result<f64> {
-    let mut calls: [Box<dyn FnMut() -> Result<()> + '_>; 1] = [Box::new(f)];
+/// A timed call: it waits for its work and returns the device time of its kernels
+/// in µs, if the backend recorded it.
+type Call<'a> = Box<dyn FnMut() -> Result<Option<f64>> + 'a>;
+
+/// The device time (µs) of the kernels since the last read, if timing is on.
+fn device_us(b: &Arc<dyn Backend>) -> Result<Option<f64>> {
+    Ok(b.take_device_time()?.map(|d| d.as_secs_f64() * 1e6))
+}
+
+fn time(iters: usize, f: impl FnMut() -> Result<Option<f64>>) -> Result<f64> {
+    let mut calls: [Call<'_>; 1] = [Box::new(f)];
     Ok(median(time_rounds(iters, &mut calls)?.remove(0)))
 }
 
-/// Wall-clock times (µs) of each call in `iters` rounds after two warm-up rounds.
-/// A round runs every call once, starting from a different one each time, so that
-/// load from other tenants of a shared machine falls on every call alike and the
-/// times of one round can be compared with each other.
-fn time_rounds(
-    iters: usize,
-    calls: &mut [Box<dyn FnMut() -> Result<()> + '_>],
-) -> Result<Vec<Vec<f64>>> {
+/// Times (µs) of each call in `iters` rounds after two warm-up rounds: its device
+/// time where it returns one, else wall-clock time. A round runs every call once,
+/// starting from a different one each time, so that load from other tenants of a
+/// shared machine falls on every call alike and the times of one round can be
+/// compared with each other.
+fn time_rounds(iters: usize, calls: &mut [Call<'_>]) -> Result<Vec<Vec<f64>>> {
     let n = calls.len();
     for _ in 0..2.min(iters) {
         for f in calls.iter_mut() {
@@ -170,8 +181,8 @@ fn time_rounds(
     for round in 0..iters {
         for i in (0..n).map(|j| (round + j) % n) {
             let start = Instant::now();
-            calls[i]()?;
-            t[i].push(start.elapsed().as_secs_f64() * 1e6);
+            let device = calls[i]()?;
+            t[i].push(device.unwrap_or_else(|| start.elapsed().as_secs_f64() * 1e6));
         }
     }
     Ok(t)
@@ -267,7 +278,7 @@ impl Case {
     }
 
     /// One device-synchronised decode (or prefill) call.
-    fn attend(&self, b: &Arc<dyn Backend>, prefill: bool) -> Result<()> {
+    fn attend(&self, b: &Arc<dyn Backend>, prefill: bool) -> Result<Option<f64>> {
         let (k, v) = self.cache.pools(0)?;
         let args = AttnArgs {
             k,
@@ -283,18 +294,19 @@ impl Case {
         } else {
             b.decode(&args)?;
         }
-        b.synchronize()
+        b.synchronize()?;
+        device_us(b)
     }
 
     /// Streaming reads of as many bytes as the call reads, in passes over the buffer.
-    fn stream(&self, b: &Arc<dyn Backend>) -> Result<()> {
+    fn stream(&self, b: &Arc<dyn Backend>) -> Result<Option<f64>> {
         let mut left = self.bytes / 4;
         while left > 0 {
             let n = left.min(self.stream.words());
             b.stream(&self.stream, n)?;
             left -= n;
         }
-        Ok(())
+        device_us(b)
     }
 }
 
@@ -307,7 +319,7 @@ fn bench_context(b: &Arc<dyn Backend>, o: &Opts, batch: usize, context: usize) -
         .map(|&kv| Case::new(b, o, kv, batch, context))
         .collect::<Result<Vec<_>>>()?;
     let prefill = o.prefill > 0;
-    let mut calls: Vec<Box<dyn FnMut() -> Result<()> + '_>> = Vec::new();
+    let mut calls: Vec<Call<'_>> = Vec::new();
     for c in &cases {
         calls.push(Box::new(move || c.attend(b, prefill)));
         calls.push(Box::new(move || c.stream(b)));
@@ -365,7 +377,8 @@ fn bench_append(b: &Arc<dyn Backend>, o: &Opts) -> Result<()> {
         };
         let us = time(o.iters, || {
             b.quantize_append(&args)?;
-            b.synchronize()
+            b.synchronize()?;
+            device_us(b)
         })?;
         println!(
             "K {k:<9} V {v:<9} {us:>10.0} us  ({:.2} GB/s of f32 input)",
@@ -413,14 +426,19 @@ fn run() -> Result<()> {
         }
         b = Arc::new(w);
     }
+    let clock = if !o.wall && b.set_timing(true) {
+        "device"
+    } else {
+        "wall"
+    };
     if o.append {
-        println!("backend: {}", chosen.reason);
+        println!("backend: {}; {clock} time", chosen.reason);
         return bench_append(&b, &o);
     }
     if !o.json {
         println!("backend: {}", chosen.reason);
         println!(
-            "{}q_heads {} kv_heads {} head_dim {}; medians of {} rounds\n",
+            "{}q_heads {} kv_heads {} head_dim {}; medians of {} rounds of {clock} time\n",
             match o.prefill {
                 0 => "decode, ".to_string(),
                 n => format!("prefill of the last {n} tokens, "),
@@ -439,7 +457,7 @@ fn run() -> Result<()> {
     for &batch in &o.batches {
         for &context in &o.contexts {
             for r in bench_context(&b, &o, batch, context)? {
-                print_row(&o, b.info(), &r);
+                print_row(&o, b.info(), clock, &r);
                 rows.push(r);
             }
         }
@@ -454,12 +472,12 @@ fn run() -> Result<()> {
 }
 
 /// One row: a line of JSON with `--json`, of the table otherwise.
-fn print_row(o: &Opts, info: &kvq::BackendInfo, r: &Row) {
+fn print_row(o: &Opts, info: &kvq::BackendInfo, clock: &str, r: &Row) {
     let gbps = r.bytes as f64 / r.median_us / 1e3;
     if o.json {
         let vs_f16 = r.vs_f16.map_or("null".into(), |x| format!("{x:.4}"));
         println!(
-            "{{\"backend\":\"{}\",\"adapter\":{:?},\"k_dtype\":\"{}\",\"v_dtype\":\"{}\",\"context\":{},\"batch\":{},\"q_heads\":{},\"kv_heads\":{},\"head_dim\":{},\"prefill\":{},\"median_us\":{:.1},\"bytes\":{},\"gbps\":{:.3},\"roofline_gbps\":{:.3},\"vs_f16\":{}}}",
+            "{{\"backend\":\"{}\",\"adapter\":{:?},\"k_dtype\":\"{}\",\"v_dtype\":\"{}\",\"context\":{},\"batch\":{},\"q_heads\":{},\"kv_heads\":{},\"head_dim\":{},\"prefill\":{},\"median_us\":{:.1},\"bytes\":{},\"gbps\":{:.3},\"roofline_gbps\":{:.3},\"vs_f16\":{},\"clock\":\"{}\"}}",
             info.kind,
             info.name,
             r.k,
@@ -474,7 +492,8 @@ fn print_row(o: &Opts, info: &kvq::BackendInfo, r: &Row) {
             r.bytes,
             gbps,
             r.roofline_gbps,
-            vs_f16
+            vs_f16,
+            clock
         );
     } else {
         let roof = format!("{:.2}", r.roofline_gbps);

@@ -455,3 +455,33 @@ fn bad_attention_input_is_an_error_and_changes_nothing() {
         );
     }
 }
+
+/// Timing (timestamp queries, for benchmarks): a decode's kernels report a device
+/// time once, where the device records it; the CPU reference records none. Each
+/// backend is its own, so that no other test's kernels are timed.
+#[test]
+fn device_time_of_a_decode_is_recorded_where_the_device_can() {
+    let mut own: Vec<Arc<dyn Backend>> = vec![Arc::new(kvq::cpu::CpuBackend::new())];
+    if let Some(gpu) = common::gpu() {
+        own.push(Arc::new(
+            kvq::wgpu::WgpuBackend::open_named(&gpu.info().name).unwrap(),
+        ));
+    }
+    for b in own {
+        let cfg = CacheConfig::new(1, 2, 64, 256);
+        let (cache, seqs, _, _) = filled(b.clone(), cfg, &[100], 3);
+        let q = Rng::new(4).normals(4 * 64);
+        let timed = b.set_timing(true);
+        let gpu = b.info().kind != kvq::BackendKind::Cpu;
+        let timestamps = b.info().features.iter().any(|f| f == "timestamp-query");
+        assert_eq!(timed, gpu && timestamps, "{}", name(&b));
+        cache.decode(0, &seqs, &q, &AttnParams::new(4)).unwrap();
+        let first = b.take_device_time().unwrap();
+        assert_eq!(first.is_some(), timed, "{}: {first:?}", name(&b));
+        assert!(first.is_none_or(|d| d > std::time::Duration::ZERO));
+        assert_eq!(b.take_device_time().unwrap(), None, "{}", name(&b));
+        assert!(!b.set_timing(false));
+        cache.decode(0, &seqs, &q, &AttnParams::new(4)).unwrap();
+        assert_eq!(b.take_device_time().unwrap(), None, "{}", name(&b));
+    }
+}

@@ -251,4 +251,17 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// Waits until all submitted work is done.
     fn synchronize(&self) -> Result<()>;
+
+    /// Turns recording of device time on or off (timestamp queries around each
+    /// kernel, for benchmarks; DESIGN §5). Returns whether the device records it.
+    fn set_timing(&self, on: bool) -> bool {
+        let _ = on;
+        false
+    }
+
+    /// Device time of the kernels submitted since the last call while timing was
+    /// on, once they are done (waits); `None` if none were timed.
+    fn take_device_time(&self) -> Result<Option<std::time::Duration>> {
+        Ok(None)
+    }
 }

@@ -9,13 +9,17 @@ pub mod attention;
 pub mod pipelines;
 mod probe;
 pub mod shaders;
+mod timing;
 
 pub(crate) use probe::probe;
 pub use probe::{check_limits, describe, instance};
 
 use wgpu::util::DeviceExt;
 
+use std::sync::{Mutex, MutexGuard};
+
 use self::pipelines::{PipelineKey, Pipelines};
+use self::timing::Timer;
 use crate::backend::{AppendArgs, AttnArgs, Backend, BackendInfo, DeviceBuffer, Pool};
 use crate::{Error, Result};
 
@@ -37,6 +41,8 @@ pub struct WgpuBackend {
     subgroup_size: Option<u32>,
     /// `attention.wgsl`'s register budget per lane ([`attention::lane_shape`]).
     lane_floats: u32,
+    /// Timestamps around every pass, while timing is on.
+    timer: Mutex<Option<Timer>>,
 }
 
 impl WgpuBackend {
@@ -92,6 +98,7 @@ impl WgpuBackend {
             lanes,
             subgroup_size,
             lane_floats: attention::LANE_FLOATS,
+            timer: Mutex::new(None),
         }
     }
 
@@ -153,6 +160,9 @@ impl WgpuBackend {
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("kvq") });
         let encoded = encode(&mut encoder);
+        if let Some(timer) = self.timer().as_ref() {
+            timer.resolve(&mut encoder);
+        }
         let index = self.queue.submit([encoder.finish()]);
         let valid = pollster::block_on(valid.pop());
         let oom = pollster::block_on(oom.pop());
@@ -223,14 +233,20 @@ impl WgpuBackend {
             layout: &pipeline.get_bind_group_layout(0),
             entries: &entries,
         });
+        let mut timer = self.timer();
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some(key.kernel.file()),
-            timestamp_writes: None,
+            timestamp_writes: timer.as_mut().and_then(Timer::next_pass),
         });
+        drop(timer);
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &bind_group, &[]);
         pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
         Ok(())
+    }
+
+    fn timer(&self) -> MutexGuard<'_, Option<Timer>> {
+        self.timer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn wait(&self, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
@@ -364,5 +380,18 @@ impl Backend for WgpuBackend {
 
     fn synchronize(&self) -> Result<()> {
         self.wait(None)
+    }
+
+    fn set_timing(&self, on: bool) -> bool {
+        let mut timer = self.timer();
+        *timer = on.then(|| Timer::new(&self.device, &self.queue)).flatten();
+        timer.is_some()
+    }
+
+    fn take_device_time(&self) -> Result<Option<std::time::Duration>> {
+        match self.timer().as_mut() {
+            Some(timer) => timer.take(&self.device),
+            None => Ok(None),
+        }
     }
 }
