@@ -134,6 +134,28 @@ fn parse() -> Result<Opts> {
     Ok(o)
 }
 
+impl Opts {
+    /// The kernel options given, for the JSON rows: "default" or e.g.
+    /// "generic no-subgroups lane-floats=32".
+    fn variant(&self) -> String {
+        let mut v = Vec::new();
+        if self.generic {
+            v.push("generic".to_string());
+        }
+        if self.no_subgroups {
+            v.push("no-subgroups".to_string());
+        }
+        if let Some(n) = self.lane_floats {
+            v.push(format!("lane-floats={n}"));
+        }
+        if v.is_empty() {
+            "default".into()
+        } else {
+            v.join(" ")
+        }
+    }
+}
+
 struct Row {
     k: KvDtype,
     v: KvDtype,
@@ -477,7 +499,7 @@ fn print_row(o: &Opts, info: &kvq::BackendInfo, clock: &str, r: &Row) {
     if o.json {
         let vs_f16 = r.vs_f16.map_or("null".into(), |x| format!("{x:.4}"));
         println!(
-            "{{\"backend\":\"{}\",\"adapter\":{:?},\"k_dtype\":\"{}\",\"v_dtype\":\"{}\",\"context\":{},\"batch\":{},\"q_heads\":{},\"kv_heads\":{},\"head_dim\":{},\"prefill\":{},\"median_us\":{:.1},\"bytes\":{},\"gbps\":{:.3},\"roofline_gbps\":{:.3},\"vs_f16\":{},\"clock\":\"{}\"}}",
+            "{{\"backend\":\"{}\",\"adapter\":{:?},\"k_dtype\":\"{}\",\"v_dtype\":\"{}\",\"context\":{},\"batch\":{},\"q_heads\":{},\"kv_heads\":{},\"head_dim\":{},\"prefill\":{},\"median_us\":{:.1},\"bytes\":{},\"gbps\":{:.3},\"roofline_gbps\":{:.3},\"vs_f16\":{},\"clock\":\"{}\",\"variant\":\"{}\"}}",
             info.kind,
             info.name,
             r.k,
@@ -493,7 +515,8 @@ fn print_row(o: &Opts, info: &kvq::BackendInfo, clock: &str, r: &Row) {
             gbps,
             r.roofline_gbps,
             vs_f16,
-            clock
+            clock,
+            o.variant()
         );
     } else {
         let roof = format!("{:.2}", r.roofline_gbps);

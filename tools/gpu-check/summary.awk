@@ -33,8 +33,16 @@ base(FILENAME) == "tests.tsv" {
     tests = tests sprintf("| %s | %s | %s | %s |\n", f[1], f[2], f[3], f[4])
     next
 }
+base(FILENAME) == "bench.jsonl" && /^\{/ && jget($0, "variant") != "default" {
+    variants = variants sprintf("| %s | %s | %s | %s / %s | %.1f | %.1f | %s |\n", jget($0, "variant"),
+        jget($0, "batch"), jget($0, "context"), jget($0, "k_dtype"), jget($0, "v_dtype"),
+        jget($0, "median_us"), jget($0, "gbps"),
+        jget($0, "vs_f16") == "null" ? "-" : sprintf("%.2fx", jget($0, "vs_f16")))
+    next
+}
 base(FILENAME) == "bench.jsonl" && /^\{/ {
     n++
+    clock = jget($0, "clock")
     b = jget($0, "batch"); c = jget($0, "context")
     key[n] = b SUBSEP c
     row[n] = sprintf("| %s | %s | %s / %s | %.1f | %.1f | %.1f | %.0f%% | %s |", b, c,
@@ -74,7 +82,7 @@ END {
     print ""
     print "## Decode attention: 32 q / 8 kv heads, D 128 (" adapter ")"
     print ""
-    print "µs: median wall time from submit to completion; GB/s: K+V bytes read over it;"
+    print "µs: median " (clock == "device" ? "device time of the kernels (timestamp queries)" : "wall time from submit to completion") "; GB/s: K+V bytes read over it;"
     print "roofline: kvq's streaming read of as many bytes in the same rounds; vs f16: median"
     print "of each round's ratio to F16. SDPA: PyTorch's f16 scaled_dot_product_attention on"
     print "the same shapes, fastest backend, CUDA events, K/V copies rotated past L2."
@@ -86,6 +94,14 @@ END {
             printf "%s %.1f (%s) | %.2fx |\n", row[i], sdpa[key[i]], sdpa_name[key[i]], us[i] / sdpa[key[i]]
         else
             printf "%s - | - |\n", row[i]
+    }
+    if (variants) {
+        print ""
+        print "## attention.wgsl variants (bench options)"
+        print ""
+        print "| options | batch | context | K / V | µs | GB/s | vs f16 |"
+        print "| --- | --- | --- | --- | --- | --- | --- |"
+        printf "%s", variants
     }
     print ""
     if (copy)
