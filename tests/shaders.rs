@@ -76,6 +76,16 @@ fn keys() -> Vec<PipelineKey> {
     keys
 }
 
+/// Fails listing every error, if there are any, out of `total` specialisations.
+fn assert_none_failed(errors: &[String], total: usize) {
+    assert!(
+        errors.is_empty(),
+        "{} of {total} failed:\n{}",
+        errors.len(),
+        errors.join("\n")
+    );
+}
+
 #[test]
 fn every_kernel_parses_and_validates() {
     let errors: Vec<String> = Kernel::ALL
@@ -127,13 +137,7 @@ fn every_specialisation_validates_with_the_bindings_we_bind() {
             Err(e) => errors.push(e.to_string()),
         }
     }
-    assert!(
-        errors.is_empty(),
-        "{} of {} failed:\n{}",
-        errors.len(),
-        keys.len(),
-        errors.join("\n")
-    );
+    assert_none_failed(&errors, keys.len());
 }
 
 /// naga's writers for the platforms wgpu runs on, with the options it gives them at
@@ -210,11 +214,5 @@ fn translate(key: &PipelineKey) -> Result<(), String> {
 fn every_specialisation_translates_to_spirv_msl_and_hlsl() {
     let keys = keys();
     let errors: Vec<String> = keys.iter().filter_map(|k| translate(k).err()).collect();
-    assert!(
-        errors.is_empty(),
-        "{} of {} failed:\n{}",
-        errors.len(),
-        keys.len(),
-        errors.join("\n")
-    );
+    assert_none_failed(&errors, keys.len());
 }
