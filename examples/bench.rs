@@ -23,8 +23,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use kvq::attn::Resolved;
-use kvq::backend::{AttnArgs, BackendKind, DeviceBuffer, SeqInfo};
+use kvq::backend::{BackendKind, DeviceBuffer, Step, Tensor};
+use kvq::cache::Plan;
 use kvq::{AttnParams, Backend, CacheConfig, Error, KvCache, KvDtype, Preference, Result};
 
 struct Opts {
@@ -182,9 +182,9 @@ fn device_us(b: &Arc<dyn Backend>) -> Result<Option<f64>> {
     Ok(b.take_device_time()?.map(|d| d.as_secs_f64() * 1e6))
 }
 
-fn time(iters: usize, f: impl FnMut() -> Result<Option<f64>>) -> Result<f64> {
+fn time(b: &Arc<dyn Backend>, iters: usize, f: impl FnMut() -> Result<Option<f64>>) -> Result<f64> {
     let mut calls: [Call<'_>; 1] = [Box::new(f)];
-    Ok(median(time_rounds(iters, &mut calls)?.remove(0)))
+    Ok(median(time_rounds(b, iters, &mut calls)?.remove(0)))
 }
 
 /// Times (µs) of each call in `iters` rounds after two warm-up rounds: its device
@@ -192,7 +192,14 @@ fn time(iters: usize, f: impl FnMut() -> Result<Option<f64>>) -> Result<f64> {
 /// starting from a different one each time, so that load from other tenants of a
 /// shared machine falls on every call alike and the times of one round can be
 /// compared with each other.
-fn time_rounds(iters: usize, calls: &mut [Call<'_>]) -> Result<Vec<Vec<f64>>> {
+fn time_rounds(
+    b: &Arc<dyn Backend>,
+    iters: usize,
+    calls: &mut [Call<'_>],
+) -> Result<Vec<Vec<f64>>> {
+    // Setup (filling the caches) is not timed: drop what the timer holds of it,
+    // whether or not it overflowed.
+    let _ = b.take_device_time();
     let n = calls.len();
     for _ in 0..2.min(iters) {
         for f in calls.iter_mut() {
@@ -217,11 +224,11 @@ struct Case {
     k: KvDtype,
     v: KvDtype,
     cache: KvCache,
+    /// Attention of the last `--prefill` (or one) positions of every sequence,
+    /// planned once.
+    plan: Plan,
     q: DeviceBuffer,
     out: DeviceBuffer,
-    tables: DeviceBuffer,
-    seqs: Vec<SeqInfo>,
-    params: Resolved,
     bytes: usize,
     stream: DeviceBuffer,
 }
@@ -261,24 +268,12 @@ impl Case {
             }
             ids.push(s);
         }
-        let mut tables = Vec::new();
-        let mut seqs = Vec::new();
         let q_len = o.prefill.max(1);
-        for (i, &s) in ids.iter().enumerate() {
-            seqs.push(SeqInfo {
-                kv_len: context as u32,
-                table_offset: tables.len() as u32,
-                q_offset: (i * q_len) as u32,
-                q_len: q_len as u32,
-            });
-            tables.extend_from_slice(cache.blocks().block_table(s)?);
-        }
-        let upload = |w: &[u32]| -> Result<_> {
-            let buf = b.alloc(w.len())?;
-            b.upload(&buf, 0, w)?;
-            Ok(buf)
-        };
+        let batch_q: Vec<_> = ids.iter().map(|&s| (s, q_len)).collect();
+        let plan = cache.plan_attention(&batch_q, &AttnParams::new(o.q_heads))?;
         let rows = batch * q_len * o.q_heads * o.head_dim;
+        let q = b.alloc(rows)?;
+        b.upload(&q, 0, bytemuck::cast_slice(&noise(rows)))?;
         let bytes = batch
             * context
             * o.kv_heads
@@ -286,11 +281,9 @@ impl Case {
         Ok(Case {
             k,
             v,
-            q: upload(bytemuck::cast_slice(&noise(rows)))?,
+            plan,
+            q,
             out: b.alloc(rows)?,
-            tables: upload(&tables)?,
-            seqs,
-            params: AttnParams::new(o.q_heads).resolve(o.kv_heads, o.head_dim)?,
             bytes,
             // The roofline reads as many bytes from a buffer of its own, no larger than
             // one binding may be.
@@ -299,23 +292,10 @@ impl Case {
         })
     }
 
-    /// One device-synchronised decode (or prefill) call.
-    fn attend(&self, b: &Arc<dyn Backend>, prefill: bool) -> Result<Option<f64>> {
-        let (k, v) = self.cache.pools(0)?;
-        let args = AttnArgs {
-            k,
-            v,
-            q: &self.q,
-            out: &self.out,
-            block_tables: &self.tables,
-            seqs: &self.seqs,
-            params: self.params,
-        };
-        if prefill {
-            b.prefill(&args)?;
-        } else {
-            b.decode(&args)?;
-        }
+    /// One device-synchronised decode (or prefill) call, planned beforehand.
+    fn attend(&self, b: &Arc<dyn Backend>) -> Result<Option<f64>> {
+        let (q, out) = (Tensor::f32(&self.q), Tensor::f32(&self.out));
+        b.run(&mut |enc| self.cache.record_attention(enc, &self.plan, 0, &q, &out))?;
         b.synchronize()?;
         device_us(b)
     }
@@ -340,13 +320,12 @@ fn bench_context(b: &Arc<dyn Backend>, o: &Opts, batch: usize, context: usize) -
         .iter()
         .map(|&kv| Case::new(b, o, kv, batch, context))
         .collect::<Result<Vec<_>>>()?;
-    let prefill = o.prefill > 0;
     let mut calls: Vec<Call<'_>> = Vec::new();
     for c in &cases {
-        calls.push(Box::new(move || c.attend(b, prefill)));
+        calls.push(Box::new(move || c.attend(b)));
         calls.push(Box::new(move || c.stream(b)));
     }
-    let times = time_rounds(o.iters, &mut calls)?;
+    let times = time_rounds(b, o.iters, &mut calls)?;
     let f16 = cases
         .iter()
         .position(|c| (c.k, c.v) == (KvDtype::F16, KvDtype::F16))
@@ -385,20 +364,20 @@ fn bench_append(b: &Arc<dyn Backend>, o: &Opts) -> Result<()> {
             .collect();
         let buf = b.alloc(n)?;
         b.upload(&buf, 0, &src)?;
-        let slots_host: Vec<u32> = (0..tokens as u32).collect();
-        let slots = b.alloc(tokens)?;
-        b.upload(&slots, 0, &slots_host)?;
+        let slots: Vec<u32> = (0..tokens as u32).collect();
         let (kp, vp) = cache.pools(0)?;
-        let args = kvq::backend::AppendArgs {
-            k: kp,
-            v: vp,
-            k_src: &buf,
-            v_src: &buf,
+        let step = b.prepare(&Step {
+            k: &kp.layout,
+            v: &vp.layout,
             slots: &slots,
-            tokens,
-        };
-        let us = time(o.iters, || {
-            b.quantize_append(&args)?;
+            seqs: &[],
+            tables: &[],
+            params: None,
+            decode: false,
+        })?;
+        let src = Tensor::f32(&buf);
+        let us = time(b, o.iters, || {
+            b.run(&mut |enc| b.record_append(enc, &step, (kp, vp), &src, &src))?;
             b.synchronize()?;
             device_us(b)
         })?;

@@ -18,16 +18,6 @@
 // online softmax and adds its dims of V. Slots keep their own running max and sum
 // and are merged once, at the end. src/wgpu/attention.rs chooses DL, KT and KB.
 
-@group(0) @binding(0) var<uniform> P: AttnParams;
-@group(0) @binding(1) var<storage, read> q: array<f32>;          // [queries, q_heads, HEAD_DIM]
-@group(0) @binding(2) var<storage, read> work: array<u32>;       // SeqInfo per seq, then work items
-@group(0) @binding(3) var<storage, read> tables: array<u32>;
-@group(0) @binding(4) var<storage, read> k_data: array<vec4<u32>>;
-@group(0) @binding(5) var<storage, read> k_side: array<u32>;
-@group(0) @binding(6) var<storage, read> v_data: array<vec4<u32>>;
-@group(0) @binding(7) var<storage, read> v_side: array<u32>;
-@group(0) @binding(8) var<storage, read_write> partial: array<f32>; // [queries, q_heads, splits, HEAD_DIM + 2]
-
 override K_DTYPE: u32 = 1u; // 0 F16, 1 Int8, 2 Int4
 override V_DTYPE: u32 = 1u;
 override HEAD_DIM: u32 = 128u;
@@ -63,9 +53,10 @@ var<private> m: array<f32, 8>;          // the slot's running max per row
 var<private> l: array<f32, 8>;          // the slot's running sum per row
 var<private> pos: array<u32, 8>;        // position of each row's query
 var<private> sc: array<f32, 16>;        // the step's partial dots, scores, then weights: [j * ROWS + r]
-var<private> krow: array<u32, 4>;       // pool rows of the step's keys
 var<private> kw: array<vec4<u32>, 4>;   // this lane's slice of each key's K row
 var<private> vw: array<vec4<u32>, 4>;   // and of its V row
+var<private> kf: array<vec2<f32>, 4>;   // each key's K factors for this lane: (scale, min)
+var<private> vf: array<vec2<f32>, 4>;   // and its V factors
 
 fn kv_addr(table_offset: u32, kvh: u32, t: u32) -> u32 {
     let b = tables[table_offset + t / BLOCK_SIZE];
@@ -90,28 +81,44 @@ fn q4(o: u32) -> vec4<f32> {
 }
 
 // Loads the step's keys t0 + j * NZ + z (the last key of the split past its end):
-// their pool rows and lane x's slices of their K and V rows, all before any is used.
+// lane x's slices of their K and V rows and the factors of those slices, all
+// before any is used.
 fn load_step(w: Work, t0: u32, z: u32, x: u32) {
     for (var j = 0u; j < KB; j++) {
         let row = kv_addr(w.table_offset, w.kvh, min(t0 + j * NZ + z, w.end - 1u));
-        krow[j] = row;
         let ki = row * K_WORDS + x * K_LW;
         kw[j] = slice(k_data[ki / 4u], ki, K_LW);
         let vi = row * V_WORDS + x * V_LW;
         vw[j] = slice(v_data[vi / 4u], vi, V_LW);
+        kf[j] = factors(K_DTYPE, k_side[row * side_words(K_DTYPE, K_GROUP) + select(0u, x * DL / K_GROUP, K_DTYPE == 2u)]);
+        vf[j] = factors(V_DTYPE, v_side[row * side_words(V_DTYPE, V_GROUP) + select(0u, x * DL / V_GROUP, V_DTYPE == 2u)]);
     }
 }
 
-// Lane x's part of q . k for key j of the step, per row, into sc. Each K word is
-// dequantized once for every row; Int8 and Int4 factors apply to the lane's sum.
-fn qk(j: u32, x: u32) {
-    let row = krow[j];
-    var f = vec2<f32>(1.0, 0.0); // (scale, min)
-    if (K_DTYPE == 1u) {
-        f.x = bitcast<f32>(k_side[row]);
-    } else if (K_DTYPE == 2u) {
-        f = unpack2x16float(k_side[row * (HEAD_DIM / K_GROUP) + x * DL / K_GROUP]);
+// Side words per row: none for F16 (its side array is a single unused word), one
+// scale for Int8, one (scale, min) per group for Int4.
+fn side_words(dtype: u32, group: u32) -> u32 {
+    if (dtype == 0u) {
+        return 0u;
     }
+    return select(1u, HEAD_DIM / group, dtype == 2u);
+}
+
+// (scale, min) of a side word: (1, 0) for F16, (scale, 0) for Int8.
+fn factors(dtype: u32, word: u32) -> vec2<f32> {
+    if (dtype == 1u) {
+        return vec2<f32>(bitcast<f32>(word), 0.0);
+    }
+    if (dtype == 2u) {
+        return unpack2x16float(word);
+    }
+    return vec2<f32>(1.0, 0.0);
+}
+
+// This lane's part of q . k for key j of the step, per row, into sc. Each K word is
+// dequantized once for every row; Int8 and Int4 factors apply to the lane's sum.
+fn qk(j: u32) {
+    let f = kf[j];
     var s: array<f32, 8>;
     for (var r = 0u; r < ROWS; r++) {
         s[r] = 0.0;
@@ -175,23 +182,16 @@ fn softmax_step(w: Work, t0: u32, z: u32) {
     }
 }
 
-// Adds key j's weighted V to lane x's dims of every row; each V word is dequantized
-// once for every row. An Int4 group's min goes to accm, once per key.
-fn pv(j: u32, x: u32) {
-    let row = krow[j];
-    var scale = 1.0;
-    if (V_DTYPE == 1u) {
-        scale = bitcast<f32>(v_side[row]);
-    } else if (V_DTYPE == 2u) {
-        let f = unpack2x16float(v_side[row * (HEAD_DIM / V_GROUP) + x * DL / V_GROUP]);
-        scale = f.x;
-        for (var r = 0u; r < ROWS; r++) {
-            accm[r] += sc[j * ROWS + r] * f.y;
-        }
-    }
+// Adds key j's weighted V to this lane's dims of every row; each V word is
+// dequantized once for every row. An Int4 group's min goes to accm, once per key.
+fn pv(j: u32) {
+    let f = vf[j];
     var p: array<f32, 8>;
     for (var r = 0u; r < ROWS; r++) {
-        p[r] = sc[j * ROWS + r] * scale;
+        p[r] = sc[j * ROWS + r] * f.x;
+        if (V_DTYPE == 2u) {
+            accm[r] += sc[j * ROWS + r] * f.y;
+        }
     }
     for (var w = 0u; w < V_LW; w++) {
         let word = vw[j][w];
@@ -289,10 +289,7 @@ fn main(
 
     // Stage the q rows (rotated like the K pool, then scaled), then take this lane's
     // dims of each into registers; a lane past head_dim holds zeros.
-    for (var i = lid; i < ROWS * HEAD_DIM; i += WG) {
-        q_sh[i] = q[q_start(w, i / HEAD_DIM) + i % HEAD_DIM];
-    }
-    prepare_q(ROWS, lid, WG);
+    stage_q(w, ROWS, lid, WG);
     let z = lid / KT;
     let x = lid % KT;
     let on = x * DL < HEAD_DIM;
@@ -319,12 +316,12 @@ fn main(
     for (var t0 = w.begin; t0 < w.end; t0 += NZ * KB) {
         load_step(w, t0, z, xs);
         for (var j = 0u; j < KB; j++) {
-            qk(j, xs);
+            qk(j);
         }
         sum_over_lanes(lid);
         softmax_step(w, t0, z);
         for (var j = 0u; j < KB; j++) {
-            pv(j, xs);
+            pv(j);
         }
     }
     merge_slots(w, lid, z, x);

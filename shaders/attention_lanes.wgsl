@@ -1,7 +1,7 @@
 // Attention for adapters whose subgroup is the lanes of a CPU SIMD register
-// (llvmpipe): decode (QB = 1) and causal prefill (QB > 1). Same bindings,
-// parameters, work items and partial layout as attention.wgsl; attn_reduce.wgsl
-// combines the splits. CPU twin: src/cpu/attention.rs.
+// (llvmpipe): decode (QB = 1) and causal prefill (QB > 1). Same bindings
+// (attn_common.wgsl), parameters, work items and partial layout as attention.wgsl;
+// attn_reduce.wgsl combines the splits. CPU twin: src/cpu/attention.rs.
 //
 // On such an adapter a load whose address is not uniform is split into one scalar
 // load per lane, and a loop counter is never uniform, so attention.wgsl's reads of
@@ -17,16 +17,6 @@
 // inlined, and calls past the head size fold away). Loops that index no register
 // array stay loops: the unrolled code already outgrows the instruction cache, and
 // unrolling the 8 keys of p . V as well measured slower (and compiled longer).
-
-@group(0) @binding(0) var<uniform> P: AttnParams;
-@group(0) @binding(1) var<storage, read> q: array<f32>;          // [queries, q_heads, HEAD_DIM]
-@group(0) @binding(2) var<storage, read> work: array<u32>;       // SeqInfo per seq, then work items
-@group(0) @binding(3) var<storage, read> tables: array<u32>;
-@group(0) @binding(4) var<storage, read> k_data: array<vec4<u32>>;
-@group(0) @binding(5) var<storage, read> k_side: array<u32>;
-@group(0) @binding(6) var<storage, read> v_data: array<vec4<u32>>;
-@group(0) @binding(7) var<storage, read> v_side: array<u32>;
-@group(0) @binding(8) var<storage, read_write> partial: array<f32>; // [queries, q_heads, splits, HEAD_DIM + 2]
 
 override K_DTYPE: u32 = 1u; // 0 F16, 1 Int8, 2 Int4
 override V_DTYPE: u32 = 1u;
@@ -319,10 +309,7 @@ fn main(
     let w = work_of(wid);
 
     // Stage q (rotated like the K pool, then scaled) and move it into registers.
-    for (var i = lane; i < ROWS * HEAD_DIM; i += LANES) {
-        q_sh[i] = q[q_start(w, i / HEAD_DIM) + i % HEAD_DIM];
-    }
-    prepare_q(ROWS, lane, LANES);
+    stage_q(w, ROWS, lane, LANES);
     // Position of each row's query: a key t is visible to row r if t <= pos[r].
     let pos_a = w.pos0 + min(vec4<u32>(0u, 1u, 2u, 3u) / QH, vec4<u32>(w.nq - 1u));
     let pos_b = w.pos0 + min(vec4<u32>(4u, 5u, 6u, 7u) / QH, vec4<u32>(w.nq - 1u));

@@ -1,8 +1,7 @@
 // Shared by the attention kernels (attention.wgsl, attention_lanes.wgsl) and
-// prepended to both: their parameters, which the host writes in this order
-// (src/wgpu/attention.rs), code unpacking, the preparation of q and the decoding
-// of a workgroup's work item. Each kernel declares P, q_sh, `work` and the
-// overrides used here.
+// prepended to both: their bindings and parameters, which the host writes in this
+// order (src/wgpu/attention.rs), code unpacking, the staging of q and the decoding
+// of a workgroup's work item. Each kernel declares q_sh and the overrides used here.
 
 struct AttnParams {
     kv_heads: u32,
@@ -18,6 +17,18 @@ struct AttnParams {
     _pad0: u32,
     _pad1: u32,
 }
+
+@group(0) @binding(0) var<uniform> P: AttnParams;
+@group(0) @binding(1) var<storage, read> q: array<u32>;          // [queries, q_heads, HEAD_DIM], f32 or f16
+@group(0) @binding(2) var<storage, read> work: array<u32>;       // SeqInfo per seq, then work items
+@group(0) @binding(3) var<storage, read> tables: array<u32>;
+@group(0) @binding(4) var<storage, read> k_data: array<vec4<u32>>;
+@group(0) @binding(5) var<storage, read> k_side: array<u32>;
+@group(0) @binding(6) var<storage, read> v_data: array<vec4<u32>>;
+@group(0) @binding(7) var<storage, read> v_side: array<u32>;
+@group(0) @binding(8) var<storage, read_write> partial: array<f32>; // [queries, q_heads, splits, HEAD_DIM + 2]
+
+override Q_F16: u32 = 0u; // 1: q holds f16, two per word, the lower element in the low half
 
 // Per sequence, at the start of `work`.
 struct SeqInfo {
@@ -36,6 +47,22 @@ fn int8_codes(word: u32) -> vec4<f32> {
 // Four Int4 codes of a word, from bit `shift` (0: codes 0-3, 16: codes 4-7).
 fn int4_codes(word: u32, shift: u32) -> vec4<f32> {
     return vec4<f32>((vec4<u32>(word) >> vec4<u32>(shift, shift + 4u, shift + 8u, shift + 12u)) & vec4<u32>(15u));
+}
+
+// Element i of q.
+fn q_at(i: u32) -> f32 {
+    if (Q_F16 == 1u) {
+        return f16_value(q[i / 2u] >> (16u * (i % 2u)));
+    }
+    return bitcast<f32>(q[i]);
+}
+
+// Stages the workgroup's n_rows q rows in q_sh and makes them ready for q . k.
+fn stage_q(w: Work, n_rows: u32, lid: u32, wg: u32) {
+    for (var i = lid; i < n_rows * HEAD_DIM; i += wg) {
+        q_sh[i] = q_at(q_start(w, i / HEAD_DIM) + i % HEAD_DIM);
+    }
+    prepare_q(n_rows, lid, wg);
 }
 
 // Makes the n_rows q rows staged in q_sh ready for q . k: rotated like the K pool

@@ -1,6 +1,7 @@
-// Combines the per-split partials of attention.wgsl: one workgroup per
+// Combines the per-split partials of the attention kernels: one workgroup per
 // (query, q head) rescales each split's sum and accumulator to the global max,
-// and rotates the output back when the V pool is Walsh–Hadamard rotated.
+// rotates the output back when the V pool is Walsh–Hadamard rotated, and writes
+// it as f32 or f16.
 
 struct ReduceParams {
     rows: u32,   // queries * q_heads
@@ -11,11 +12,12 @@ struct ReduceParams {
 
 @group(0) @binding(0) var<uniform> P: ReduceParams;
 @group(0) @binding(1) var<storage, read> partial: array<f32>; // [rows, splits, HEAD_DIM + 2]
-@group(0) @binding(2) var<storage, read_write> out: array<f32>; // [rows, HEAD_DIM]
+@group(0) @binding(2) var<storage, read_write> out: array<u32>; // [rows, HEAD_DIM], f32 or f16
 
 override HEAD_DIM: u32 = 128u;
 override ROTATE_OUT: u32 = 0u;
 override NORM_BITS: u32 = 0x3f800000u; // f32 bits of 1/sqrt(HEAD_DIM)
+override OUT_F16: u32 = 0u; // 1: f16 out, two per word, the lower element in the low half
 
 var<workgroup> o_sh: array<f32, 256>;
 
@@ -64,7 +66,14 @@ fn main(
             o_sh[d] *= bitcast<f32>(NORM_BITS);
         }
     }
-    for (var d = lid; d < HEAD_DIM; d += WG) {
-        out[row * HEAD_DIM + d] = o_sh[d];
+    workgroupBarrier();
+    if (OUT_F16 == 1u) {
+        for (var i = lid; i < HEAD_DIM / 2u; i += WG) {
+            out[row * HEAD_DIM / 2u + i] = f16_bits(o_sh[2u * i]) | (f16_bits(o_sh[2u * i + 1u]) << 16u);
+        }
+    } else {
+        for (var d = lid; d < HEAD_DIM; d += WG) {
+            out[row * HEAD_DIM + d] = bitcast<u32>(o_sh[d]);
+        }
     }
 }

@@ -10,7 +10,7 @@ struct AppendParams {
 }
 
 @group(0) @binding(0) var<uniform> P: AppendParams;
-@group(0) @binding(1) var<storage, read> src: array<f32>;    // [tokens, kv_heads, HEAD_DIM]
+@group(0) @binding(1) var<storage, read> src: array<u32>;    // [tokens, kv_heads, HEAD_DIM], f32 or f16
 @group(0) @binding(2) var<storage, read> slots: array<u32>;  // [tokens]
 @group(0) @binding(3) var<storage, read_write> data: array<u32>;
 @group(0) @binding(4) var<storage, read_write> side: array<u32>;
@@ -20,15 +20,24 @@ override HEAD_DIM: u32 = 128u;
 override GROUP: u32 = 32u; // Int4 only
 override ROTATE: u32 = 0u; // 1: Walsh–Hadamard rotate before quantizing
 override NORM_BITS: u32 = 0x3f800000u; // f32 bits of 1/sqrt(HEAD_DIM)
+override SRC_F16: u32 = 0u; // 1: src holds f16, two per word, the lower element in the low half
 
 var<private> rotated: array<f32, 256>;
 
-// Element i of the vector being quantized (which starts at src[x0]).
+// Element i of src.
+fn src_at(i: u32) -> f32 {
+    if (SRC_F16 == 1u) {
+        return f16_value(src[i / 2u] >> (16u * (i % 2u)));
+    }
+    return bitcast<f32>(src[i]);
+}
+
+// Element i of the vector being quantized (which starts at src element x0).
 fn x_at(x0: u32, i: u32) -> f32 {
     if (ROTATE == 1u) {
         return rotated[i];
     }
-    return src[x0 + i];
+    return src_at(x0 + i);
 }
 
 const WG: u32 = 64u;
@@ -47,7 +56,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let x0 = r * HEAD_DIM;
     if (ROTATE == 1u) {
         for (var i = 0u; i < HEAD_DIM; i++) {
-            rotated[i] = src[x0 + i];
+            rotated[i] = src_at(x0 + i);
         }
         hadamard(&rotated, HEAD_DIM, bitcast<f32>(NORM_BITS));
     }

@@ -65,6 +65,11 @@ pub enum Error {
     #[error("stale reservation: reserve again with extend() after changing the cache")]
     StaleReservation,
 
+    /// A plan used after its cache changed (an extend, free, truncate or a later
+    /// plan that appends), or on a cache that did not make it.
+    #[error("stale plan: plan the step again after changing the cache")]
+    StalePlan,
+
     /// NaN, ±Inf or a value outside f16's finite range in an input.
     #[error("non-finite or out-of-f16-range value {value} at index {index} of {what}")]
     NonFinite {

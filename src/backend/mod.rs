@@ -1,17 +1,16 @@
 //! The `Backend` trait every device implements, what it reports, and selection.
 
 mod buffer;
+mod record;
 mod select;
 
 pub use buffer::DeviceBuffer;
+pub use record::{Elem, Encoder, Prepared, SeqInfo, Step, Tensor};
 pub(crate) use select::Opener;
 pub use select::{Candidate, Preference, Probe, Selected, probe, select};
 
 use std::fmt;
 
-use bytemuck::{Pod, Zeroable};
-
-use crate::attn::Resolved;
 use crate::cache::PoolLayout;
 use crate::{Error, Result};
 
@@ -108,111 +107,15 @@ pub struct Pool {
     pub side: DeviceBuffer,
 }
 
-/// Per-sequence record read by attention kernels (4 u32 words).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Pod, Zeroable, Default)]
-#[repr(C)]
-pub struct SeqInfo {
-    /// Tokens cached for this sequence (the queries included).
-    pub kv_len: u32,
-    /// Where its block table starts in the flat block-table buffer.
-    pub table_offset: u32,
-    /// Row of its first query in q and out.
-    pub q_offset: u32,
-    /// Queries: the last `q_len` cached positions (1 for decode).
-    pub q_len: u32,
-}
-
-/// Quantize-and-append: token `t` of `k_src`/`v_src` (`[tokens, kv_heads, head_dim]` f32)
-/// goes to pool slot `slots[t]` (= block * block_size + slot in block).
-#[derive(Debug, Clone, Copy)]
-pub struct AppendArgs<'a> {
-    /// Key pool.
-    pub k: &'a Pool,
-    /// Value pool.
-    pub v: &'a Pool,
-    /// New keys, f32 bits.
-    pub k_src: &'a DeviceBuffer,
-    /// New values, f32 bits.
-    pub v_src: &'a DeviceBuffer,
-    /// Destination slot of each token.
-    pub slots: &'a DeviceBuffer,
-    /// Number of tokens.
-    pub tokens: usize,
-}
-
-/// Attention over the paged cache, decode or causal prefill.
-#[derive(Debug, Clone, Copy)]
-pub struct AttnArgs<'a> {
-    /// Key pool.
-    pub k: &'a Pool,
-    /// Value pool.
-    pub v: &'a Pool,
-    /// Queries `[queries, q_heads, head_dim]`, f32 bits.
-    pub q: &'a DeviceBuffer,
-    /// Output, same shape as `q`.
-    pub out: &'a DeviceBuffer,
-    /// Flat block tables.
-    pub block_tables: &'a DeviceBuffer,
-    /// One record per sequence (host side: small, uploaded by the backend as needed).
-    pub seqs: &'a [SeqInfo],
-    /// Resolved parameters.
-    pub params: Resolved,
-}
-
-impl AttnArgs<'_> {
-    /// Total queries (rows of q).
-    pub fn queries(&self) -> usize {
-        self.seqs.iter().map(|s| s.q_len as usize).sum()
-    }
-
-    /// Longest kv_len in the batch.
-    pub fn max_kv_len(&self) -> usize {
-        self.seqs
-            .iter()
-            .map(|s| s.kv_len as usize)
-            .max()
-            .unwrap_or(0)
-    }
-
-    /// Checks the records against the pools and buffers; every backend calls this
-    /// before touching device memory.
-    pub fn check(&self) -> Result<()> {
-        let kl = &self.k.layout;
-        if self.v.layout.head_dim != kl.head_dim
-            || self.v.layout.kv_heads != kl.kv_heads
-            || self.v.layout.block_size != kl.block_size
-        {
-            return Err(Error::InvalidConfig("K and V pools differ in shape".into()));
-        }
-        kl.check()?;
-        self.v.layout.check()?;
-        for (data, side, pool) in [("K data", "K side", self.k), ("V data", "V side", self.v)] {
-            pool.data
-                .check_range(data, 0, pool.layout.data_alloc_words())?;
-            pool.side.check_range(side, 0, pool.layout.side_words())?;
-        }
-        let row = self.params.q_heads as usize * kl.head_dim;
-        let rows = self.queries() * row;
-        self.q.check_range("q", 0, rows)?;
-        self.out.check_range("out", 0, rows)?;
-        let mut next_q = 0u32;
-        for s in self.seqs {
-            let blocks = (s.kv_len as usize).div_ceil(kl.block_size);
-            if s.q_len == 0 || s.q_len > s.kv_len || s.q_offset != next_q {
-                return Err(Error::InvalidConfig(format!("bad sequence record {s:?}")));
-            }
-            next_q += s.q_len;
-            self.block_tables
-                .check_range("block table", s.table_offset as usize, blocks)?;
-        }
-        Ok(())
-    }
-}
-
 /// A device that stores quantized KV pools and runs kvq's kernels on them.
 ///
 /// Object safe: use it as `Arc<dyn Backend>`. All device data lives in
-/// [`DeviceBuffer`]s; host code (the cache bookkeeping) only moves small tensors.
+/// [`DeviceBuffer`]s. Work is *prepared* once per step ([`Backend::prepare`]: the
+/// host's records and tables uploaded, the keys partitioned) and *recorded* per
+/// layer into an [`Encoder`] ([`Backend::record_append`],
+/// [`Backend::record_attention`]) on tensors the caller owns (DESIGN §7): into the
+/// application's wgpu command encoder, or run at once on the CPU reference.
+/// [`Backend::run`] records into an encoder of the backend's own and submits it.
 pub trait Backend: Send + Sync + fmt::Debug {
     /// What this backend is and runs on.
     fn info(&self) -> &BackendInfo;
@@ -226,8 +129,38 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Copies `len` words at `offset` back to the host (waits for pending work).
     fn download(&self, buf: &DeviceBuffer, offset: usize, len: usize) -> Result<Vec<u32>>;
 
-    /// Quantizes new K/V tokens and writes them into their pool slots.
-    fn quantize_append(&self, args: &AppendArgs<'_>) -> Result<()>;
+    /// Does a step's host work once: checks and uploads its append slots, sequence
+    /// records and block tables, partitions its attention for this device, and
+    /// readies the kernels. The returned state serves every layer's records.
+    fn prepare(&self, step: &Step<'_>) -> Result<Prepared>;
+
+    /// Records quantize-append of the step's new tokens, `k` and `v`
+    /// (`[tokens, kv_heads, head_dim]`), into the pools `k_pool` and `v_pool`.
+    /// Checks everything it can before recording anything.
+    fn record_append(
+        &self,
+        enc: &mut Encoder<'_>,
+        step: &Prepared,
+        pools: (&Pool, &Pool),
+        k: &Tensor<'_>,
+        v: &Tensor<'_>,
+    ) -> Result<()>;
+
+    /// Records the step's attention (decode or causal prefill) of `q`
+    /// (`[queries, q_heads, head_dim]`) over the pools, into `out` (same shape).
+    /// Checks everything it can before recording anything.
+    fn record_attention(
+        &self,
+        enc: &mut Encoder<'_>,
+        step: &Prepared,
+        pools: (&Pool, &Pool),
+        q: &Tensor<'_>,
+        out: &Tensor<'_>,
+    ) -> Result<()>;
+
+    /// Runs `record` on an encoder of this backend's own, submits what it recorded
+    /// and reports device errors raised meanwhile.
+    fn run(&self, record: &mut dyn FnMut(&mut Encoder<'_>) -> Result<()>) -> Result<()>;
 
     /// Dequantizes the tokens at `slots` of `pool` into `out` (`[tokens, kv_heads, head_dim]`
     /// f32 bits); for tests and debugging.
@@ -239,18 +172,16 @@ pub trait Backend: Send + Sync + fmt::Debug {
         out: &DeviceBuffer,
     ) -> Result<()>;
 
-    /// Decode attention: one query per sequence over all its cached tokens.
-    fn decode(&self, args: &AttnArgs<'_>) -> Result<()>;
-
-    /// Causal prefill attention: `q_len` queries per sequence, at its last positions.
-    fn prefill(&self, args: &AttnArgs<'_>) -> Result<()>;
-
     /// Reads `words` words of `buf` with a trivial streaming kernel and waits: the
     /// roofline that attention's bytes per second are compared with (DESIGN §5).
     fn stream(&self, buf: &DeviceBuffer, words: usize) -> Result<()>;
 
     /// Waits until all submitted work is done.
     fn synchronize(&self) -> Result<()>;
+
+    /// Device objects (buffers, bind groups, pipelines, …) created so far: a warm
+    /// step should create none.
+    fn creations(&self) -> u64;
 
     /// Turns recording of device time on or off (timestamp queries around each
     /// kernel, for benchmarks; DESIGN §5). Returns whether the device records it.

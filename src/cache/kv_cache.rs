@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::backend::{AppendArgs, AttnArgs, Backend, DeviceBuffer, Pool, SeqInfo};
+use crate::backend::{Backend, DeviceBuffer, Pool, Prepared, Step, Tensor};
 use crate::quant::check_finite;
 use crate::{AttnParams, Error, KvDtype, Result};
 
@@ -61,26 +61,33 @@ impl MemoryReport {
 }
 
 #[derive(Debug)]
-struct LayerPools {
-    k: Pool,
-    v: Pool,
+pub(super) struct LayerPools {
+    pub(super) k: Pool,
+    pub(super) v: Pool,
 }
 
 /// A paged KV cache: block bookkeeping on the host, pools on the backend's device.
 ///
-/// Typical step: [`extend`](Self::extend) the sequences by their new tokens, then per
-/// layer [`write`](Self::write) the new K/V and run [`decode`](Self::decode) or
-/// [`prefill`](Self::prefill). [`append`](Self::append) does extend + write for all
-/// layers at once, atomically.
+/// On the device (DESIGN §7): one [`plan_decode`](Self::plan_decode) or
+/// [`plan_prefill`](Self::plan_prefill) per generation step, then per layer
+/// [`record_append`](Self::record_append) and
+/// [`record_attention`](Self::record_attention) on device tensors, into the
+/// application's encoder. From the host: [`extend`](Self::extend) the sequences by
+/// their new tokens, then per layer [`write`](Self::write) the new K/V and run
+/// [`decode`](Self::decode) or [`prefill`](Self::prefill), each a round trip;
+/// [`append`](Self::append) does extend + write for all layers at once, atomically.
 #[derive(Debug)]
 pub struct KvCache {
-    backend: Arc<dyn Backend>,
-    config: CacheConfig,
+    pub(super) backend: Arc<dyn Backend>,
+    pub(super) config: CacheConfig,
     layers: Vec<LayerPools>,
-    blocks: BlockManager,
-    /// Distinguishes caches, so that a reservation only fits the cache that made it.
-    id: u64,
-    epoch: u64,
+    pub(super) blocks: BlockManager,
+    /// Distinguishes caches, so that a reservation or plan only fits the cache that
+    /// made it.
+    pub(super) id: u64,
+    /// Bumped by every change of the bookkeeping: older reservations and plans are
+    /// stale.
+    pub(super) epoch: u64,
 }
 
 impl KvCache {
@@ -181,16 +188,16 @@ impl KvCache {
         if r.tokens() == 0 {
             return Ok(());
         }
-        let k_src = self.upload_f32(k)?;
-        let v_src = self.upload_f32(v)?;
-        let slots = self.upload(&r.slots)?;
-        self.backend.quantize_append(&AppendArgs {
-            k: &pools.k,
-            v: &pools.v,
-            k_src: &k_src,
-            v_src: &v_src,
-            slots: &slots,
-            tokens: r.tokens(),
+        let step = self.prepare_append(&r.slots)?;
+        let (k, v) = (self.upload_f32(k)?, self.upload_f32(v)?);
+        self.backend.run(&mut |enc| {
+            self.backend.record_append(
+                enc,
+                &step,
+                (&pools.k, &pools.v),
+                &Tensor::f32(&k),
+                &Tensor::f32(&v),
+            )
         })
     }
 
@@ -217,14 +224,41 @@ impl KvCache {
         check_finite("v", v)?;
         let before = (self.blocks.clone(), self.epoch);
         let r = self.extend(batch)?;
-        for layer in 0..self.config.layers {
-            let span = layer * per_layer..(layer + 1) * per_layer;
-            if let Err(e) = self.write(layer, &r, &k[span.clone()], &v[span]) {
-                (self.blocks, self.epoch) = before;
-                return Err(e);
-            }
+        let written = self.write_layers(&r, per_layer, k, v);
+        if written.is_err() {
+            (self.blocks, self.epoch) = before;
         }
-        Ok(())
+        written
+    }
+
+    /// Writes the reserved tokens of every layer (`k`, `v`: `[layers, tokens, ..]`)
+    /// in one submission.
+    fn write_layers(&self, r: &Reservation, per_layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        if per_layer == 0 {
+            return Ok(());
+        }
+        let step = self.prepare_append(&r.slots)?;
+        let layers = (0..self.config.layers)
+            .map(|l| {
+                let span = l * per_layer..(l + 1) * per_layer;
+                Ok((
+                    self.upload_f32(&k[span.clone()])?,
+                    self.upload_f32(&v[span])?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.backend.run(&mut |enc| {
+            for (pools, (k, v)) in self.layers.iter().zip(&layers) {
+                self.backend.record_append(
+                    enc,
+                    &step,
+                    (&pools.k, &pools.v),
+                    &Tensor::f32(k),
+                    &Tensor::f32(v),
+                )?;
+            }
+            Ok(())
+        })
     }
 
     /// Decode attention in `layer`: one query per listed sequence, at its last
@@ -237,7 +271,7 @@ impl KvCache {
         params: &AttnParams,
     ) -> Result<Vec<f32>> {
         let batch: Vec<_> = seqs.iter().map(|&s| (s, 1)).collect();
-        self.attend(layer, &batch, q, params, true)
+        self.attend(layer, &batch, q, params)
     }
 
     /// Causal prefill attention in `layer`: for each `(seq, n)`, queries for the
@@ -250,7 +284,7 @@ impl KvCache {
         q: &[f32],
         params: &AttnParams,
     ) -> Result<Vec<f32>> {
-        self.attend(layer, chunks, q, params, false)
+        self.attend(layer, chunks, q, params)
     }
 
     /// Memory held and used.
@@ -275,56 +309,44 @@ impl KvCache {
         batch: &[(SeqId, usize)],
         q: &[f32],
         params: &AttnParams,
-        decode: bool,
     ) -> Result<Vec<f32>> {
         let pools = self.layer(layer)?;
-        let c = &self.config;
-        let p = params.resolve(c.kv_heads, c.head_dim)?;
-        self.blocks.check_batch(batch.iter().map(|b| b.0))?;
-        let mut infos = Vec::with_capacity(batch.len());
-        let mut tables = Vec::new();
-        let mut queries = 0usize;
-        for &(id, n) in batch {
-            let kv_len = self.blocks.len(id)?;
-            if n == 0 || n > kv_len {
-                return Err(Error::OutOfRange {
-                    what: "queries of a sequence (must be 1..=its length)",
-                    value: n,
-                    limit: kv_len + 1,
-                });
-            }
-            infos.push(SeqInfo {
-                kv_len: kv_len as u32,
-                table_offset: tables.len() as u32,
-                q_offset: queries as u32,
-                q_len: n as u32,
-            });
-            tables.extend_from_slice(self.blocks.block_table(id)?);
-            queries += n;
-        }
-        let q_words = queries * p.q_heads as usize * c.head_dim;
+        let plan = self.plan_attention(batch, params)?;
+        let q_words = plan.queries() * params.q_heads * self.config.head_dim;
         check_len("q", q_words, q.len())?;
         check_finite("q", q)?;
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let out = self.backend.alloc(q_words)?;
-        let args = AttnArgs {
-            k: &pools.k,
-            v: &pools.v,
-            q: &self.upload_f32(q)?,
-            out: &out,
-            block_tables: &self.upload(&tables)?,
-            seqs: &infos,
-            params: p,
-        };
-        if decode {
-            self.backend.decode(&args)?;
-        } else {
-            self.backend.prefill(&args)?;
-        }
+        let (q, out) = (self.upload_f32(q)?, self.backend.alloc(q_words)?);
+        self.backend.run(&mut |enc| {
+            self.backend.record_attention(
+                enc,
+                plan.prepared(),
+                (&pools.k, &pools.v),
+                &Tensor::f32(&q),
+                &Tensor::f32(&out),
+            )
+        })?;
         let words = self.backend.download(&out, 0, q_words)?;
         Ok(bytemuck::cast_slice(&words).to_vec())
+    }
+
+    /// A step that only appends, at `slots`.
+    fn prepare_append(&self, slots: &[u32]) -> Result<Prepared> {
+        let (k, v) = (
+            self.config.layout(self.config.k_dtype),
+            self.config.layout(self.config.v_dtype),
+        );
+        self.backend.prepare(&Step {
+            k: &k,
+            v: &v,
+            slots,
+            seqs: &[],
+            tables: &[],
+            params: None,
+            decode: false,
+        })
     }
 
     fn check_kv(&self, tokens: usize, k: &[f32], v: &[f32]) -> Result<()> {
@@ -335,7 +357,7 @@ impl KvCache {
         check_finite("v", v)
     }
 
-    fn layer(&self, layer: usize) -> Result<&LayerPools> {
+    pub(super) fn layer(&self, layer: usize) -> Result<&LayerPools> {
         self.layers.get(layer).ok_or(Error::OutOfRange {
             what: "layer",
             value: layer,

@@ -4,7 +4,9 @@
 mod blocks;
 mod config;
 mod kv_cache;
+mod plan;
 
 pub use blocks::{BlockManager, SeqId};
 pub use config::{CacheConfig, PoolLayout};
 pub use kv_cache::{KvCache, MemoryReport, Reservation};
+pub use plan::Plan;

@@ -1,43 +1,23 @@
 //! CPU twin of `shaders/quantize_append.wgsl`.
 
-use super::{floats, read, write};
-use crate::backend::{AppendArgs, Pool};
+use crate::Result;
+use crate::backend::Pool;
 use crate::quant::{check_finite, hadamard, quantize};
-use crate::{Error, Result};
 
-/// Quantizes token `t`, head `h` of the sources into slot `slots[t]` of each pool.
-pub fn quantize_append(args: &AppendArgs<'_>) -> Result<()> {
-    let slots = read(args.slots)?[..args.tokens.min(args.slots.words())].to_vec();
-    for (pool, src) in [(args.k, args.k_src), (args.v, args.v_src)] {
-        let x = floats(src)?;
-        let l = &pool.layout;
-        let row_len = l.kv_heads * l.head_dim;
-        if x.len() < args.tokens * row_len || slots.len() < args.tokens {
-            return Err(Error::ShapeMismatch {
-                what: "append source",
-                expected: args.tokens * row_len,
-                got: x.len().min(slots.len() * row_len),
-            });
-        }
-        let x = &x[..args.tokens * row_len];
-        check_finite("append source", x)?;
-        l.check()?;
-        check_slots(pool, &slots)?;
-        append_pool(pool, x, &slots)?;
-    }
-    Ok(())
-}
+use super::write;
 
-fn check_slots(pool: &Pool, slots: &[u32]) -> Result<()> {
-    let cap = pool.layout.num_blocks * pool.layout.block_size;
-    match slots.iter().find(|&&s| s as usize >= cap) {
-        Some(&s) => Err(Error::OutOfRange {
-            what: "slot",
-            value: s as usize,
-            limit: cap,
-        }),
-        None => Ok(()),
-    }
+/// Quantizes token `t`, head `h` of `k` and `v` (`[tokens, kv_heads, head_dim]`)
+/// into slot `slots[t]` of each pool; slots were checked when the step was prepared.
+pub fn quantize_append(
+    (kp, vp): (&Pool, &Pool),
+    slots: &[u32],
+    k: &[f32],
+    v: &[f32],
+) -> Result<()> {
+    check_finite("k", k)?;
+    check_finite("v", v)?;
+    append_pool(kp, k, slots)?;
+    append_pool(vp, v, slots)
 }
 
 fn append_pool(pool: &Pool, x: &[f32], slots: &[u32]) -> Result<()> {

@@ -1,32 +1,31 @@
 //! CPU twin of the attention kernels (decode and prefill share it): f32 online softmax.
 
-use super::{PoolView, floats, read, write};
-use crate::backend::AttnArgs;
+use super::{CpuStep, PoolView};
+use crate::Result;
+use crate::backend::Pool;
 use crate::quant::hadamard;
-use crate::{Error, Result};
 
-/// Attention for every query of every sequence in `args`.
-pub fn attention(args: &AttnArgs<'_>) -> Result<()> {
-    let kl = &args.k.layout;
+/// Attention for every query of every sequence of the step; `q` is
+/// `[queries, q_heads, head_dim]`, and so is the result.
+pub fn attention((kp, vp): (&Pool, &Pool), step: &CpuStep, q: &[f32]) -> Result<Vec<f32>> {
+    let kl = &kp.layout;
     let d = kl.head_dim;
-    let p = &args.params;
+    let Some(p) = step.params else {
+        return Ok(Vec::new());
+    };
     let q_heads = p.q_heads as usize;
     let row = q_heads * d;
-    let mut q = floats(args.q)?;
-    args.check()?;
+    let mut q = q.to_vec();
     // A rotated K pool holds H k: rotate q so that (H q) . (H k) = q . k.
     if kl.rotated {
         q.chunks_exact_mut(d).for_each(hadamard);
     }
-    let seqs = args.seqs;
-    let tables = read(args.block_tables)?.clone();
-    check_blocks(args, &tables)?;
-
-    let (kv, vv) = (PoolView::new(args.k)?, PoolView::new(args.v)?);
-    let mut out = vec![0f32; args.queries() * row];
+    let tables = &step.tables;
+    let (kv, vv) = (PoolView::new(kp)?, PoolView::new(vp)?);
+    let mut out = vec![0f32; q.len()];
     let (mut key, mut val) = (vec![0f32; d], vec![0f32; d]);
     let ratio = p.group_ratio as usize;
-    for s in seqs {
+    for s in &step.seqs {
         let table = &tables[s.table_offset as usize..];
         for i in 0..s.q_len as usize {
             let pos = (s.kv_len - s.q_len) as usize + i;
@@ -62,28 +61,9 @@ pub fn attention(args: &AttnArgs<'_>) -> Result<()> {
             }
         }
     }
-    drop((kv, vv));
     // A rotated V pool makes the output H o: rotate it back (H H = I).
-    if args.v.layout.rotated {
+    if vp.layout.rotated {
         out.chunks_exact_mut(d).for_each(hadamard);
     }
-    write(args.out)?[..out.len()].copy_from_slice(bytemuck::cast_slice(&out));
-    Ok(())
-}
-
-/// Checks that every block a sequence uses exists.
-fn check_blocks(args: &AttnArgs<'_>, tables: &[u32]) -> Result<()> {
-    let kl = &args.k.layout;
-    for s in args.seqs {
-        let blocks = (s.kv_len as usize).div_ceil(kl.block_size);
-        let table = &tables[s.table_offset as usize..][..blocks];
-        if let Some(&b) = table.iter().find(|&&b| b as usize >= kl.num_blocks) {
-            return Err(Error::OutOfRange {
-                what: "block",
-                value: b as usize,
-                limit: kl.num_blocks,
-            });
-        }
-    }
-    Ok(())
+    Ok(out)
 }

@@ -6,10 +6,12 @@ mod attention;
 mod dequantize;
 
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::attn::Resolved;
 use crate::backend::{
-    AppendArgs, AttnArgs, Backend, BackendInfo, BackendKind, DeviceBuffer, DeviceLimits,
-    DeviceType, Pool,
+    Backend, BackendInfo, BackendKind, DeviceBuffer, DeviceLimits, DeviceType, Elem, Encoder, Pool,
+    Prepared, SeqInfo, Step, Tensor,
 };
 use crate::{Error, Result};
 
@@ -22,6 +24,17 @@ const NAME: &str = "cpu";
 #[derive(Debug)]
 pub struct CpuBackend {
     info: BackendInfo,
+    /// Buffers allocated.
+    created: AtomicU64,
+}
+
+/// A step as the CPU keeps it: the host's records, as they are.
+#[derive(Debug)]
+pub(crate) struct CpuStep {
+    slots: Vec<u32>,
+    seqs: Vec<SeqInfo>,
+    tables: Vec<u32>,
+    params: Option<Resolved>,
 }
 
 impl Default for CpuBackend {
@@ -48,6 +61,7 @@ impl CpuBackend {
                 },
                 features: Vec::new(),
             },
+            created: AtomicU64::new(0),
         }
     }
 }
@@ -65,8 +79,48 @@ fn write(buf: &DeviceBuffer) -> Result<std::sync::RwLockWriteGuard<'_, Vec<u32>>
     Ok(words(buf)?.write().unwrap_or_else(|e| e.into_inner()))
 }
 
-fn floats(buf: &DeviceBuffer) -> Result<Vec<f32>> {
-    Ok(bytemuck::cast_slice(&read(buf)?).to_vec())
+/// The first `n` elements of a tensor, as f32.
+fn read_tensor(t: &Tensor<'_>, what: &'static str, n: usize) -> Result<Vec<f32>> {
+    t.check(what, n, 4)?;
+    let words = read(t.buffer)?;
+    let w = &words[(t.offset / 4) as usize..];
+    Ok(match t.elem {
+        Elem::F32 => bytemuck::cast_slice(&w[..n]).to_vec(),
+        Elem::F16 => (0..n)
+            .map(|i| half::f16::from_bits((w[i / 2] >> (16 * (i % 2))) as u16).to_f32())
+            .collect(),
+    })
+}
+
+/// Writes `x` into a tensor (f16 rounded to nearest even).
+fn write_tensor(t: &Tensor<'_>, what: &'static str, x: &[f32]) -> Result<()> {
+    t.check(what, x.len(), 4)?;
+    let mut words = write(t.buffer)?;
+    let w = &mut words[(t.offset / 4) as usize..];
+    match t.elem {
+        Elem::F32 => w[..x.len()].copy_from_slice(bytemuck::cast_slice(x)),
+        Elem::F16 => {
+            for (i, pair) in x.chunks(2).enumerate() {
+                let h = |j: usize| pair.get(j).map_or(0, |&v| half::f16::from_f32(v).to_bits());
+                let keep = if pair.len() == 1 {
+                    w[i] & 0xffff_0000
+                } else {
+                    0
+                };
+                w[i] = keep | h(0) as u32 | (h(1) as u32) << 16;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn immediate(enc: &Encoder<'_>) -> Result<()> {
+    match enc {
+        Encoder::Immediate => Ok(()),
+        other => Err(Error::InvalidConfig(format!(
+            "the CPU reference runs work as it is recorded: it takes Encoder::Immediate, not {other:?}"
+        ))),
+    }
 }
 
 /// A pool's data and side words, read-locked.
@@ -109,6 +163,7 @@ impl Backend for CpuBackend {
         v.try_reserve_exact(words)
             .map_err(|e| Error::OutOfMemory(format!("{words} words: {e}")))?;
         v.resize(words, 0);
+        self.created.fetch_add(1, Ordering::Relaxed);
         Ok(DeviceBuffer::new(words, RwLock::new(v)))
     }
 
@@ -123,8 +178,53 @@ impl Backend for CpuBackend {
         Ok(read(buf)?[offset..offset + len].to_vec())
     }
 
-    fn quantize_append(&self, args: &AppendArgs<'_>) -> Result<()> {
-        append::quantize_append(args)
+    fn prepare(&self, step: &Step<'_>) -> Result<Prepared> {
+        step.check()?;
+        let state = CpuStep {
+            slots: step.slots.to_vec(),
+            seqs: step.seqs.to_vec(),
+            tables: step.tables.to_vec(),
+            params: step.params,
+        };
+        Ok(Prepared::new(step, state))
+    }
+
+    fn record_append(
+        &self,
+        enc: &mut Encoder<'_>,
+        step: &Prepared,
+        pools: (&Pool, &Pool),
+        k: &Tensor<'_>,
+        v: &Tensor<'_>,
+    ) -> Result<()> {
+        immediate(enc)?;
+        let state = step.inner::<CpuStep>(NAME)?;
+        step.check_pools(pools)?;
+        let n = step.tokens * pools.0.layout.kv_heads * pools.0.layout.head_dim;
+        let (k, v) = (read_tensor(k, "k", n)?, read_tensor(v, "v", n)?);
+        append::quantize_append(pools, &state.slots, &k, &v)
+    }
+
+    fn record_attention(
+        &self,
+        enc: &mut Encoder<'_>,
+        step: &Prepared,
+        pools: (&Pool, &Pool),
+        q: &Tensor<'_>,
+        out: &Tensor<'_>,
+    ) -> Result<()> {
+        immediate(enc)?;
+        let state = step.inner::<CpuStep>(NAME)?;
+        step.check_pools(pools)?;
+        let n = step.queries * step.q_heads * pools.0.layout.head_dim;
+        out.check("out", n, 4)?;
+        let q = read_tensor(q, "q", n)?;
+        let o = attention::attention(pools, state, &q)?;
+        write_tensor(out, "out", &o)
+    }
+
+    fn run(&self, record: &mut dyn FnMut(&mut Encoder<'_>) -> Result<()>) -> Result<()> {
+        record(&mut Encoder::Immediate)
     }
 
     fn dequantize(
@@ -137,14 +237,6 @@ impl Backend for CpuBackend {
         dequantize::dequantize(pool, slots, tokens, out)
     }
 
-    fn decode(&self, args: &AttnArgs<'_>) -> Result<()> {
-        attention::attention(args)
-    }
-
-    fn prefill(&self, args: &AttnArgs<'_>) -> Result<()> {
-        attention::attention(args)
-    }
-
     fn stream(&self, buf: &DeviceBuffer, words: usize) -> Result<()> {
         buf.check_range("stream", 0, words)?;
         let sum = read(buf)?[..words].iter().fold(0u32, |a, &w| a ^ w);
@@ -154,5 +246,9 @@ impl Backend for CpuBackend {
 
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+
+    fn creations(&self) -> u64 {
+        self.created.load(Ordering::Relaxed)
     }
 }

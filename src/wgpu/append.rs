@@ -1,41 +1,12 @@
-//! Quantize-and-append and dequantize dispatches (`shaders/quantize_append.wgsl`,
-//! `shaders/dequantize.wgsl`).
+//! The per-row kernels' parameters, and the dequantize dispatch
+//! (`shaders/dequantize.wgsl`); appends are recorded by `step.rs`.
 
 use super::pipelines::PipelineKey;
 use super::shaders::Kernel;
 use super::{ROW_WG, WgpuBackend};
-use crate::backend::{AppendArgs, DeviceBuffer, Pool};
+use crate::backend::{DeviceBuffer, Pool};
 use crate::cache::PoolLayout;
 use crate::{Error, Result};
-
-pub fn quantize_append(b: &WgpuBackend, args: &AppendArgs<'_>) -> Result<()> {
-    let n = args.tokens;
-    if n == 0 {
-        return Ok(());
-    }
-    args.slots.check_range("append slots", 0, n)?;
-    for (pool, src) in [(args.k, args.k_src), (args.v, args.v_src)] {
-        let l = &pool.layout;
-        check_rotation(l)?;
-        src.check_range("append source", 0, n * l.kv_heads * l.head_dim)?;
-    }
-    b.submit(|enc| {
-        for (pool, src) in [(args.k, args.k_src), (args.v, args.v_src)] {
-            let l = &pool.layout;
-            let rows = rows(n, l.kv_heads)?;
-            b.dispatch_rows(
-                enc,
-                &PipelineKey::rows(Kernel::QuantizeAppend, l),
-                &params(n, pool),
-                &[src, args.slots, &pool.data, &pool.side],
-                rows,
-                ROW_WG,
-            )?;
-        }
-        Ok(())
-    })?;
-    Ok(())
-}
 
 pub fn dequantize(
     b: &WgpuBackend,
@@ -51,21 +22,21 @@ pub fn dequantize(
     if tokens == 0 {
         return Ok(());
     }
+    let grid = b.rows_grid(rows(tokens, l.kv_heads)?, ROW_WG)?;
     b.submit(|enc| {
-        b.dispatch_rows(
+        b.dispatch(
             enc,
             &PipelineKey::rows(Kernel::Dequantize, l),
-            &params(tokens, pool),
+            &params(tokens, l),
             &[slots, &pool.data, &pool.side, out],
-            rows(tokens, l.kv_heads)?,
-            ROW_WG,
+            grid,
         )
     })?;
     Ok(())
 }
 
 /// Rotated rows are rotated in a 256-entry private array.
-fn check_rotation(l: &PoolLayout) -> Result<()> {
+pub fn check_rotation(l: &PoolLayout) -> Result<()> {
     l.check()?;
     if l.rotated && l.head_dim > 256 {
         return Err(Error::Unsupported(format!(
@@ -76,8 +47,8 @@ fn check_rotation(l: &PoolLayout) -> Result<()> {
     Ok(())
 }
 
-fn params(tokens: usize, pool: &Pool) -> [u32; 4] {
-    let l = &pool.layout;
+/// `AppendParams` of the per-row kernels for `tokens` rows of a pool laid out as `l`.
+pub fn params(tokens: usize, l: &PoolLayout) -> [u32; 4] {
     [
         tokens as u32,
         l.kv_heads as u32,
@@ -86,7 +57,8 @@ fn params(tokens: usize, pool: &Pool) -> [u32; 4] {
     ]
 }
 
-fn rows(tokens: usize, kv_heads: usize) -> Result<u32> {
+/// Invocations of a per-row kernel: one per (token, kv head).
+pub fn rows(tokens: usize, kv_heads: usize) -> Result<u32> {
     u32::try_from(tokens * kv_heads).map_err(|_| Error::OutOfRange {
         what: "tokens * kv_heads",
         value: tokens * kv_heads,

@@ -1,11 +1,12 @@
-//! Attention dispatches: split-K partials (`shaders/attention.wgsl`, or
-//! `shaders/attention_lanes.wgsl` on CPU adapters) then the combine pass
+//! How attention runs on a wgpu device: split-K partials (`shaders/attention.wgsl`,
+//! or `shaders/attention_lanes.wgsl` on CPU adapters) then the combine pass
 //! (`shaders/attn_reduce.wgsl`). Decode and prefill differ only in how many q
-//! heads and query positions a workgroup takes and how the keys are split.
+//! heads and query positions a workgroup takes and how the keys are split; a step's
+//! [`Partition`] fixes all of it once.
 
 use super::WgpuBackend;
 use super::pipelines::PipelineKey;
-use crate::backend::{AttnArgs, Backend, DeviceType};
+use crate::backend::{Backend, DeviceType, Step};
 use crate::cache::PoolLayout;
 use crate::{Error, Result};
 
@@ -71,16 +72,6 @@ pub fn lane_shape(k: &PoolLayout, v: &PoolLayout, rows: u32, lane_floats: u32) -
     }
 }
 
-/// One query per sequence; keys split so that the device stays busy.
-pub fn decode(b: &WgpuBackend, args: &AttnArgs<'_>) -> Result<()> {
-    if args.seqs.iter().any(|s| s.q_len != 1) {
-        return Err(Error::InvalidConfig(
-            "decode takes one query per sequence".into(),
-        ));
-    }
-    run(b, args, decode_heads_per_group(args.params.group_ratio), 1)
-}
-
 /// Whether attention on this adapter uses `attention_lanes.wgsl`: a CPU adapter
 /// (its subgroup is the lanes of a SIMD register) with subgroups of at least
 /// the kernel's eight lanes, so that a workgroup is one subgroup.
@@ -105,12 +96,6 @@ pub fn lanes_fit(k: &PoolLayout, v: &PoolLayout) -> bool {
         && (v_group == 0 || v_group % per_lane == 0 || per_lane % v_group == 0)
 }
 
-/// Causal prefill: several query positions per workgroup, keys not split.
-pub fn prefill(b: &WgpuBackend, args: &AttnArgs<'_>) -> Result<()> {
-    let qh = prefill_heads_per_group(args.params.group_ratio);
-    run(b, args, qh, MAX_ROWS / qh)
-}
-
 /// q heads a decode workgroup takes: the whole GQA group when it has at most 8,
 /// else the group cut into the fewest even blocks of at most 8 (the last may be
 /// short), so that K/V is read once per group, or once per block.
@@ -131,112 +116,121 @@ pub fn prefill_heads_per_group(ratio: u32) -> u32 {
     qh
 }
 
-/// Attention with workgroups of `qh` q heads x `qb` query positions.
-fn run(b: &WgpuBackend, args: &AttnArgs<'_>, qh: u32, qb: u32) -> Result<()> {
-    args.check()?;
-    let kl = &args.k.layout;
+/// How one step's attention runs: kernels, grids, the split of the keys, and the
+/// records and parameters the kernels read.
+#[derive(Debug, Clone)]
+pub struct Partition {
+    /// The attention kernel (its q element type still to be set).
+    pub attention: PipelineKey,
+    /// Its grid: (head blocks, key splits, work items).
+    pub grid: [u32; 3],
+    /// The combine pass (its output element type still to be set).
+    pub reduce: PipelineKey,
+    /// Its grid.
+    pub reduce_grid: [u32; 3],
+    /// `SeqInfo` per sequence, then (sequence, first query) per work item.
+    pub work: Vec<u32>,
+    /// `AttnParams` of `attn_common.wgsl`.
+    pub uniform: [u32; 12],
+    /// `ReduceParams` of `attn_reduce.wgsl`.
+    pub reduce_uniform: [u32; 4],
+    /// Words of split-K partials.
+    pub partial_words: usize,
+}
+
+/// The partition of `step`'s attention on `b`: decode takes a GQA group (or a block
+/// of it) per workgroup and splits the keys to fill the device; prefill takes
+/// [`prefill_heads_per_group`] heads at 8 / that many positions and does not split.
+pub fn partition(b: &WgpuBackend, step: &Step<'_>) -> Result<Partition> {
+    let (kl, vl) = (step.k, step.v);
     let d = kl.head_dim;
     if d > 256 {
         return Err(Error::Unsupported(format!(
             "head_dim {d} on wgpu: at most 256"
         )));
     }
-    let p = args.params;
+    let Some(p) = step.params else {
+        return Err(Error::InvalidConfig(
+            "attention needs attention parameters".into(),
+        ));
+    };
+    let (qh, qb) = if step.decode {
+        (decode_heads_per_group(p.group_ratio), 1)
+    } else {
+        let qh = prefill_heads_per_group(p.group_ratio);
+        (qh, MAX_ROWS / qh)
+    };
     // Work items: (sequence, first query) blocks of `qb` positions.
-    let mut meta: Vec<u32> = args
+    let mut work: Vec<u32> = step
         .seqs
         .iter()
         .flat_map(|s| bytemuck::cast::<_, [u32; 4]>(*s))
         .collect();
-    let work_offset = meta.len() as u32;
-    for (i, s) in args.seqs.iter().enumerate() {
+    let work_offset = work.len() as u32;
+    for (i, s) in step.seqs.iter().enumerate() {
         for first in (0..s.q_len).step_by(qb as usize) {
-            meta.extend([i as u32, first]);
+            work.extend([i as u32, first]);
         }
     }
-    let items = (meta.len() as u32 - work_offset) / 2;
-    let (attn_key, step) = if b.lanes && lanes_fit(kl, &args.v.layout) {
-        (
-            PipelineKey::attention_lanes(kl, &args.v.layout, qh, qb),
-            LANES,
-        )
+    let items = (work.len() as u32 - work_offset) / 2;
+    let (attention, step_keys) = if b.lanes && lanes_fit(kl, vl) {
+        (PipelineKey::attention_lanes(kl, vl, qh, qb), LANES)
     } else {
-        let shape = lane_shape(kl, &args.v.layout, qh * qb, b.lane_floats);
+        let shape = lane_shape(kl, vl, qh * qb, b.lane_floats);
         let subgroup = b.subgroup_size.is_some_and(|s| shape.lanes <= s);
         (
-            PipelineKey::attention(kl, &args.v.layout, qh, qb, shape, subgroup),
+            PipelineKey::attention(kl, vl, qh, qb, shape, subgroup),
             shape.keys_per_step(),
         )
     };
     // Grid x: head blocks, those of one kv head adjacent so that they share its
     // K/V in cache when the group takes more than one.
     let head_blocks = kl.kv_heads as u32 * p.group_ratio.div_ceil(qh);
-    let tile = TILE.max(step as usize);
-    let (splits, split_len) = if qb == 1 {
+    let tile = TILE.max(step_keys as usize);
+    let (splits, split_len) = if step.decode {
         split_keys(
             b,
-            args.max_kv_len(),
+            step.max_kv_len(),
             items as usize * head_blocks as usize,
             tile,
         )
     } else {
-        (1, args.max_kv_len().div_ceil(tile) * tile)
+        (1, step.max_kv_len().div_ceil(tile) * tile)
     };
-    let rows = args.queries() * p.q_heads as usize;
-    let partial = b.alloc(rows * splits * (d + 2))?;
-    let meta_buf = b.alloc(meta.len())?;
-    b.upload(&meta_buf, 0, &meta)?;
-    let uniform = [
-        kl.kv_heads as u32,
-        kl.block_size as u32,
-        p.q_heads,
-        p.group_ratio,
-        splits as u32,
-        split_len as u32,
-        p.window,
-        work_offset,
-        p.scale.to_bits(),
-        p.softcap.to_bits(),
-        0,
-        0,
-    ];
     let grid = [head_blocks, splits as u32, items];
     let max = b.info().limits.max_workgroups_per_dimension;
-    if grid.iter().any(|&g| g > max) {
+    if let Some(&g) = grid.iter().find(|&&g| g > max) {
         return Err(Error::DeviceLimit {
             limit: "max_compute_workgroups_per_dimension",
-            requested: *grid.iter().max().unwrap_or(&0) as u64,
+            requested: g as u64,
             max: max as u64,
         });
     }
-    let reduce_key = PipelineKey::reduce(&args.v.layout);
-    b.submit(|enc| {
-        b.dispatch(
-            enc,
-            &attn_key,
-            &uniform,
-            &[
-                args.q,
-                &meta_buf,
-                args.block_tables,
-                &args.k.data,
-                &args.k.side,
-                &args.v.data,
-                &args.v.side,
-                &partial,
-            ],
-            grid,
-        )?;
-        let x = (rows as u32).min(max);
-        b.dispatch(
-            enc,
-            &reduce_key,
-            &[rows as u32, splits as u32, 0, 0],
-            &[&partial, args.out],
-            [x, (rows as u32).div_ceil(x), 1],
-        )
-    })?;
-    Ok(())
+    let rows = step.queries() * p.q_heads as usize;
+    let x = (rows as u32).clamp(1, max);
+    Ok(Partition {
+        attention,
+        grid,
+        reduce: PipelineKey::reduce(vl),
+        reduce_grid: [x, (rows as u32).div_ceil(x), 1],
+        work,
+        uniform: [
+            kl.kv_heads as u32,
+            kl.block_size as u32,
+            p.q_heads,
+            p.group_ratio,
+            splits as u32,
+            split_len as u32,
+            p.window,
+            work_offset,
+            p.scale.to_bits(),
+            p.softcap.to_bits(),
+            0,
+            0,
+        ],
+        reduce_uniform: [rows as u32, splits as u32, 0, 0],
+        partial_words: rows * splits * (d + 2),
+    })
 }
 
 /// Splits of the longest sequence's keys: enough workgroups to fill the device,

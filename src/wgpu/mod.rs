@@ -6,21 +6,24 @@
 
 mod append;
 pub mod attention;
+mod bindings;
 pub mod pipelines;
 mod probe;
 pub mod shaders;
+mod step;
 mod timing;
+mod workspace;
 
 pub(crate) use probe::probe;
 pub use probe::{check_limits, describe, instance};
 
-use wgpu::util::DeviceExt;
-
 use std::sync::{Mutex, MutexGuard};
 
+use self::bindings::{BindGroups, Created, Range};
 use self::pipelines::{PipelineKey, Pipelines};
 use self::timing::Timer;
-use crate::backend::{AppendArgs, AttnArgs, Backend, BackendInfo, DeviceBuffer, Pool};
+use self::workspace::Workspaces;
+use crate::backend::{Backend, BackendInfo, DeviceBuffer, Encoder, Pool, Prepared, Step, Tensor};
 use crate::{Error, Result};
 
 const NAME: &str = "wgpu";
@@ -43,6 +46,12 @@ pub struct WgpuBackend {
     lane_floats: u32,
     /// Timestamps around every pass, while timing is on.
     timer: Mutex<Option<Timer>>,
+    /// Bind groups of recorded dispatches.
+    bind_groups: BindGroups,
+    /// Workspaces of prepared steps.
+    workspaces: Workspaces,
+    /// Device objects created.
+    created: Created,
 }
 
 impl WgpuBackend {
@@ -99,6 +108,9 @@ impl WgpuBackend {
             subgroup_size,
             lane_floats: attention::LANE_FLOATS,
             timer: Mutex::new(None),
+            bind_groups: BindGroups::default(),
+            workspaces: Workspaces::default(),
+            created: Created::default(),
         }
     }
 
@@ -116,10 +128,11 @@ impl WgpuBackend {
         self
     }
 
-    /// Sets `attention.wgsl`'s register budget per lane (default
-    /// [`attention::LANE_FLOATS`]): fewer dims per lane below it, for tuning on a GPU.
+    /// Sets `attention.wgsl`'s register budget per lane, clamped to 8..=
+    /// [`attention::LANE_FLOATS`] (the size of the kernel's register arrays): fewer
+    /// dims per lane below the default, for tuning on a GPU.
     pub fn with_lane_floats(mut self, floats: u32) -> Self {
-        self.lane_floats = floats.max(8);
+        self.lane_floats = floats.clamp(8, attention::LANE_FLOATS);
         self
     }
 
@@ -143,9 +156,17 @@ impl WgpuBackend {
         &self.queue
     }
 
-    /// The wgpu buffer behind a [`DeviceBuffer`] made by this backend.
+    /// The wgpu buffer behind a [`DeviceBuffer`] of this backend.
     pub fn raw(buf: &DeviceBuffer) -> Result<&wgpu::Buffer> {
         buf.downcast::<wgpu::Buffer>(NAME)
+    }
+
+    /// An application's buffer as a [`DeviceBuffer`], for the device path's
+    /// [`Tensor`]s (a handle: cheap, and the application keeps its buffer). It must
+    /// come from this backend's device and have `BufferUsages::STORAGE`, which
+    /// recording checks.
+    pub fn buffer(buffer: &wgpu::Buffer) -> DeviceBuffer {
+        DeviceBuffer::new((buffer.size() / 4) as usize, buffer.clone())
     }
 
     /// Runs `encode` on a fresh encoder, submits it, and turns validation and
@@ -176,17 +197,9 @@ impl WgpuBackend {
         Ok(index)
     }
 
-    /// Records one dispatch of `key` over `invocations` threads (folded into a 2-D grid
-    /// past the per-dimension limit), with `uniform` at binding 0 and `buffers` after it.
-    pub(crate) fn dispatch_rows(
-        &self,
-        encoder: &mut wgpu::CommandEncoder,
-        key: &PipelineKey,
-        uniform: &[u32],
-        buffers: &[&DeviceBuffer],
-        invocations: u32,
-        wg_size: u32,
-    ) -> Result<()> {
+    /// The grid of `invocations` threads in workgroups of `wg_size`, folded into 2-D
+    /// past the per-dimension limit.
+    pub(crate) fn rows_grid(&self, invocations: u32, wg_size: u32) -> Result<[u32; 3]> {
         let groups = invocations.div_ceil(wg_size).max(1);
         let max = self.info.limits.max_workgroups_per_dimension.max(1);
         let x = groups.min(max);
@@ -198,10 +211,12 @@ impl WgpuBackend {
                 max: max as u64 * max as u64,
             });
         }
-        self.dispatch(encoder, key, uniform, buffers, [x, y, 1])
+        Ok([x, y, 1])
     }
 
-    /// Records one dispatch of `key` with an explicit grid.
+    /// Records one dispatch of `key` with a uniform buffer made for it from
+    /// `uniform` at binding 0 and `buffers` after it: for one-off work (dequantize,
+    /// stream), not the device path.
     pub(crate) fn dispatch(
         &self,
         encoder: &mut wgpu::CommandEncoder,
@@ -210,39 +225,63 @@ impl WgpuBackend {
         buffers: &[&DeviceBuffer],
         grid: [u32; 3],
     ) -> Result<()> {
-        let pipeline = self.pipelines.get(&self.device, key);
-        let params = self
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("kvq params"),
-                contents: bytemuck::cast_slice(uniform),
-                usage: wgpu::BufferUsages::UNIFORM,
-            });
-        let mut entries = vec![wgpu::BindGroupEntry {
-            binding: 0,
-            resource: params.as_entire_binding(),
-        }];
-        for (i, b) in buffers.iter().enumerate() {
-            entries.push(wgpu::BindGroupEntry {
-                binding: i as u32 + 1,
-                resource: Self::raw(b)?.as_entire_binding(),
-            });
-        }
-        let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(key.kernel.file()),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
+        let pipeline = self.pipelines.get(&self.device, key, &self.created);
+        self.created.count();
+        let params = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("kvq params"),
+            size: (uniform.len() as u64 * 4).max(16),
+            usage: wgpu::BufferUsages::UNIFORM,
+            mapped_at_creation: true,
         });
+        params
+            .slice(..uniform.len() as u64 * 4)
+            .get_mapped_range_mut()
+            .map_err(|e| Error::Device(format!("uniform: {e}")))?
+            .copy_from_slice(bytemuck::cast_slice(uniform));
+        params.unmap();
+        let mut ranges = vec![Range::whole(&params)];
+        for b in buffers {
+            ranges.push(Range::whole(Self::raw(b)?));
+        }
+        let group = bindings::create(&self.device, &pipeline.layout, &ranges, &self.created);
+        self.pass(encoder, key, &pipeline.pipeline, &group, grid);
+        Ok(())
+    }
+
+    /// Records one dispatch of `key` over `ranges` (bindings 0, 1, …), its pipeline
+    /// and bind group cached: the device path, which creates nothing once warm.
+    pub(crate) fn record(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        key: &PipelineKey,
+        ranges: &[Range],
+        grid: [u32; 3],
+    ) {
+        let pipeline = self.pipelines.get(&self.device, key, &self.created);
+        let group = self
+            .bind_groups
+            .get(&self.device, &pipeline.layout, ranges, &self.created);
+        self.pass(encoder, key, &pipeline.pipeline, &group, grid);
+    }
+
+    /// One compute pass of one dispatch, timed while timing is on.
+    fn pass(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        key: &PipelineKey,
+        pipeline: &wgpu::ComputePipeline,
+        group: &wgpu::BindGroup,
+        grid: [u32; 3],
+    ) {
         let mut timer = self.timer();
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some(key.kernel.file()),
             timestamp_writes: timer.as_mut().and_then(Timer::next_pass),
         });
         drop(timer);
-        pass.set_pipeline(&pipeline);
-        pass.set_bind_group(0, &bind_group, &[]);
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, group, &[]);
         pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
-        Ok(())
     }
 
     fn timer(&self) -> MutexGuard<'_, Option<Timer>> {
@@ -276,6 +315,7 @@ impl Backend for WgpuBackend {
             });
         }
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        self.created.count();
         let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("kvq"),
             size: bytes,
@@ -308,6 +348,7 @@ impl Backend for WgpuBackend {
             return Ok(Vec::new());
         }
         let src = Self::raw(buf)?;
+        self.created.count();
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("kvq readback"),
             size: len as u64 * 4,
@@ -336,8 +377,35 @@ impl Backend for WgpuBackend {
         Ok(words)
     }
 
-    fn quantize_append(&self, args: &AppendArgs<'_>) -> Result<()> {
-        append::quantize_append(self, args)
+    fn prepare(&self, step: &Step<'_>) -> Result<Prepared> {
+        step::prepare(self, step)
+    }
+
+    fn record_append(
+        &self,
+        enc: &mut Encoder<'_>,
+        step: &Prepared,
+        pools: (&Pool, &Pool),
+        k: &Tensor<'_>,
+        v: &Tensor<'_>,
+    ) -> Result<()> {
+        step::record_append(self, enc, step, pools, k, v)
+    }
+
+    fn record_attention(
+        &self,
+        enc: &mut Encoder<'_>,
+        step: &Prepared,
+        pools: (&Pool, &Pool),
+        q: &Tensor<'_>,
+        out: &Tensor<'_>,
+    ) -> Result<()> {
+        step::record_attention(self, enc, step, pools, q, out)
+    }
+
+    fn run(&self, record: &mut dyn FnMut(&mut Encoder<'_>) -> Result<()>) -> Result<()> {
+        self.submit(|enc| record(&mut Encoder::Wgpu(enc)))?;
+        Ok(())
     }
 
     fn dequantize(
@@ -348,14 +416,6 @@ impl Backend for WgpuBackend {
         out: &DeviceBuffer,
     ) -> Result<()> {
         append::dequantize(self, pool, slots, tokens, out)
-    }
-
-    fn decode(&self, args: &AttnArgs<'_>) -> Result<()> {
-        attention::decode(self, args)
-    }
-
-    fn prefill(&self, args: &AttnArgs<'_>) -> Result<()> {
-        attention::prefill(self, args)
     }
 
     fn stream(&self, src: &DeviceBuffer, words: usize) -> Result<()> {
@@ -382,9 +442,15 @@ impl Backend for WgpuBackend {
         self.wait(None)
     }
 
+    fn creations(&self) -> u64 {
+        self.created.get()
+    }
+
     fn set_timing(&self, on: bool) -> bool {
         let mut timer = self.timer();
-        *timer = on.then(|| Timer::new(&self.device, &self.queue)).flatten();
+        *timer = on
+            .then(|| Timer::new(&self.device, &self.queue, &self.created))
+            .flatten();
         timer.is_some()
     }
 

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::attention::LaneShape;
+use super::bindings::Created;
 use super::shaders::{self, Kernel};
 use crate::cache::PoolLayout;
 use crate::quant::hadamard_norm;
@@ -77,6 +78,12 @@ impl PipelineKey {
         }
     }
 
+    /// This key with one more constant (an element type, say).
+    pub fn with(mut self, name: &'static str, value: u32) -> Self {
+        self.constants.push((name, value));
+        self
+    }
+
     /// This specialisation as naga sees it after wgpu applies its overrides: the
     /// validated module with the constants in place, ready for naga's writers.
     pub fn module(&self) -> Result<(naga::Module, naga::valid::ModuleInfo)> {
@@ -114,16 +121,30 @@ impl PipelineKey {
     }
 }
 
+/// A built pipeline and the layout of its bind group 0.
+#[derive(Debug)]
+pub struct Pipeline {
+    /// The pipeline.
+    pub pipeline: wgpu::ComputePipeline,
+    /// Its (implicit) bind group layout.
+    pub layout: wgpu::BindGroupLayout,
+}
+
 /// Shader modules and pipelines of one device.
 #[derive(Debug, Default)]
 pub struct Pipelines {
     modules: Mutex<HashMap<Kernel, wgpu::ShaderModule>>,
-    pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
+    pipelines: Mutex<HashMap<PipelineKey, Arc<Pipeline>>>,
 }
 
 impl Pipelines {
-    /// The pipeline for `key`, building it on first use.
-    pub fn get(&self, device: &wgpu::Device, key: &PipelineKey) -> Arc<wgpu::ComputePipeline> {
+    /// The pipeline for `key`, building it (and its module) on first use.
+    pub fn get(
+        &self,
+        device: &wgpu::Device,
+        key: &PipelineKey,
+        created: &Created,
+    ) -> Arc<Pipeline> {
         let mut pipelines = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = pipelines.get(key) {
             return p.clone();
@@ -137,6 +158,7 @@ impl Pipelines {
                         label: Some(key.kernel.file()),
                         source: wgpu::ShaderSource::Wgsl(key.kernel.source().into()),
                     };
+                    created.count();
                     // SAFETY: every loop in kvq's kernels is bounded by a constant or
                     // a host-checked count, and every divisor is a non-zero constant
                     // or a host-checked parameter; buffer bounds checks stay on.
@@ -146,21 +168,24 @@ impl Pipelines {
         };
         let constants: Vec<(&str, f64)> =
             key.constants.iter().map(|&(n, v)| (n, v as f64)).collect();
-        let pipeline = Arc::new(
-            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(key.kernel.file()),
-                layout: None,
-                module: &module,
-                entry_point: Some("main"),
-                compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: &constants,
-                    zero_initialize_workgroup_memory: false,
-                },
-                cache: None,
-            }),
-        );
-        pipelines.insert(key.clone(), pipeline.clone());
-        pipeline
+        created.count();
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(key.kernel.file()),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &constants,
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        });
+        let built = Arc::new(Pipeline {
+            layout: pipeline.get_bind_group_layout(0),
+            pipeline,
+        });
+        pipelines.insert(key.clone(), built.clone());
+        built
     }
 }
 

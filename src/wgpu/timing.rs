@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use super::bindings::Created;
 use crate::{Error, Result};
 
 /// Timestamps one timer holds between takes: two per pass.
@@ -25,12 +26,13 @@ pub struct Timer {
 
 impl Timer {
     /// A timer on `device`, or `None` without the TIMESTAMP_QUERY feature.
-    pub fn new(device: &wgpu::Device, queue: &wgpu::Queue) -> Option<Self> {
+    pub fn new(device: &wgpu::Device, queue: &wgpu::Queue, created: &Created) -> Option<Self> {
         if !device.features().contains(wgpu::Features::TIMESTAMP_QUERY) {
             return None;
         }
         let bytes = QUERIES as u64 * 8;
         let buffer = |label, usage| {
+            created.count();
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
                 size: bytes,
@@ -38,6 +40,7 @@ impl Timer {
                 mapped_at_creation: false,
             })
         };
+        created.count();
         Some(Timer {
             queries: device.create_query_set(&wgpu::QuerySetDescriptor {
                 label: Some("kvq timestamps"),

@@ -1,0 +1,217 @@
+//! The device path on wgpu (DESIGN §7): a step is prepared once (its records
+//! written into a leased workspace, its attention partitioned), then each layer's
+//! append and attention are recorded into the application's command encoder with
+//! cached pipelines and bind groups: no submit, no wait, nothing created once warm.
+
+use super::append::{check_rotation, params, rows};
+use super::attention::{Partition, partition};
+use super::bindings::Range;
+use super::pipelines::PipelineKey;
+use super::shaders::Kernel;
+use super::workspace::{Lease, UNIFORM_BLOCK};
+use super::{NAME, ROW_WG, WgpuBackend};
+use crate::backend::{Elem, Encoder, Pool, Prepared, Step, Tensor};
+use crate::{Error, Result};
+
+/// A step as the wgpu backend keeps it.
+#[derive(Debug)]
+pub(crate) struct WgpuStep {
+    lease: Lease,
+    /// (offset, bytes) of the append slots, the sequence records and work items,
+    /// and the block tables in the workspace's `meta` buffer.
+    slots: (u64, u64),
+    work: (u64, u64),
+    tables: (u64, u64),
+    /// Grid of the append kernel.
+    append_grid: [u32; 3],
+    attention: Option<Partition>,
+}
+
+/// Uniform blocks in the workspace.
+const ATTENTION_UNIFORM: u64 = 0;
+const REDUCE_UNIFORM: u64 = UNIFORM_BLOCK;
+const APPEND_UNIFORM: u64 = 2 * UNIFORM_BLOCK;
+
+pub fn prepare(b: &WgpuBackend, step: &Step<'_>) -> Result<Prepared> {
+    step.check()?;
+    check_rotation(step.k)?;
+    check_rotation(step.v)?;
+    let attention = if step.seqs.is_empty() {
+        None
+    } else {
+        Some(partition(b, step)?)
+    };
+    let append_grid = b.rows_grid(rows(step.slots.len(), step.k.kv_heads)?, ROW_WG)?;
+
+    // The records, each region at the device's storage offset alignment.
+    let align = b.device.limits().min_storage_buffer_offset_alignment.max(4) as u64;
+    let work_words: &[u32] = attention.as_ref().map_or(&[], |a| &a.work);
+    let mut meta = Vec::new();
+    let mut region = |words: &[u32]| {
+        let offset = (meta.len() as u64 * 4).next_multiple_of(align);
+        meta.resize(offset as usize / 4, 0);
+        meta.extend_from_slice(words);
+        (offset, words.len() as u64 * 4)
+    };
+    let slots = region(step.slots);
+    let work = region(work_words);
+    let tables = region(step.tables);
+    let partial = attention.as_ref().map_or(0, |a| a.partial_words as u64 * 4);
+    let max = b.info.limits.max_buffer_bytes;
+    if let Some(bytes) = [meta.len() as u64 * 4, partial]
+        .into_iter()
+        .find(|&x| x > max)
+    {
+        return Err(Error::DeviceLimit {
+            limit: "max_storage_buffer_binding_size",
+            requested: bytes,
+            max,
+        });
+    }
+    let lease = b
+        .workspaces
+        .lease(&b.device, meta.len() as u64 * 4, partial, &b.created);
+    let ws = lease.get();
+    if !meta.is_empty() {
+        b.queue
+            .write_buffer(&ws.meta, 0, bytemuck::cast_slice(&meta));
+    }
+    let mut uniform = [0u32; 3 * UNIFORM_BLOCK as usize / 4];
+    if let Some(a) = &attention {
+        uniform[..12].copy_from_slice(&a.uniform);
+        let r = REDUCE_UNIFORM as usize / 4;
+        uniform[r..r + 4].copy_from_slice(&a.reduce_uniform);
+    }
+    let a = APPEND_UNIFORM as usize / 4;
+    uniform[a..a + 4].copy_from_slice(&params(step.slots.len(), step.k));
+    b.queue
+        .write_buffer(&ws.uniform, 0, bytemuck::cast_slice(&uniform));
+    Ok(Prepared::new(
+        step,
+        WgpuStep {
+            lease,
+            slots,
+            work,
+            tables,
+            append_grid,
+            attention,
+        },
+    ))
+}
+
+pub fn record_append(
+    b: &WgpuBackend,
+    enc: &mut Encoder<'_>,
+    prepared: &Prepared,
+    pools: (&Pool, &Pool),
+    k: &Tensor<'_>,
+    v: &Tensor<'_>,
+) -> Result<()> {
+    let enc = wgpu_encoder(enc)?;
+    let st = prepared.inner::<WgpuStep>(NAME)?;
+    prepared.check_pools(pools)?;
+    let l = &pools.0.layout;
+    let n = prepared.tokens * l.kv_heads * l.head_dim;
+    let sources = [tensor_range(b, k, "k", n)?, tensor_range(b, v, "v", n)?];
+    if prepared.tokens == 0 {
+        return Ok(());
+    }
+    let ws = st.lease.get();
+    let uniform = Range::new(&ws.uniform, APPEND_UNIFORM, 16);
+    let slots = Range::new(&ws.meta, st.slots.0, st.slots.1);
+    for ((pool, src), t) in [pools.0, pools.1].into_iter().zip(sources).zip([k, v]) {
+        let key = PipelineKey::rows(Kernel::QuantizeAppend, &pool.layout)
+            .with("SRC_F16", (t.elem == Elem::F16) as u32);
+        let ranges = [
+            uniform.clone(),
+            src,
+            slots.clone(),
+            Range::whole(WgpuBackend::raw(&pool.data)?),
+            Range::whole(WgpuBackend::raw(&pool.side)?),
+        ];
+        b.record(enc, &key, &ranges, st.append_grid);
+    }
+    Ok(())
+}
+
+pub fn record_attention(
+    b: &WgpuBackend,
+    enc: &mut Encoder<'_>,
+    prepared: &Prepared,
+    pools: (&Pool, &Pool),
+    q: &Tensor<'_>,
+    out: &Tensor<'_>,
+) -> Result<()> {
+    let enc = wgpu_encoder(enc)?;
+    let st = prepared.inner::<WgpuStep>(NAME)?;
+    prepared.check_pools(pools)?;
+    let n = prepared.queries * prepared.q_heads * pools.0.layout.head_dim;
+    // q is read in one pass and out written in the next, so they may be one tensor.
+    let (q_range, out_range) = (tensor_range(b, q, "q", n)?, tensor_range(b, out, "out", n)?);
+    let Some(a) = &st.attention else {
+        return Ok(());
+    };
+    let ws = st.lease.get();
+    let partial = Range::new(&ws.partial, 0, a.partial_words as u64 * 4);
+    let raw = WgpuBackend::raw;
+    let (kp, vp) = pools;
+    let ranges = [
+        Range::new(&ws.uniform, ATTENTION_UNIFORM, 48),
+        q_range,
+        Range::new(&ws.meta, st.work.0, st.work.1),
+        Range::new(&ws.meta, st.tables.0, st.tables.1),
+        Range::whole(raw(&kp.data)?),
+        Range::whole(raw(&kp.side)?),
+        Range::whole(raw(&vp.data)?),
+        Range::whole(raw(&vp.side)?),
+        partial.clone(),
+    ];
+    let key = a
+        .attention
+        .clone()
+        .with("Q_F16", (q.elem == Elem::F16) as u32);
+    b.record(enc, &key, &ranges, a.grid);
+    let key = a
+        .reduce
+        .clone()
+        .with("OUT_F16", (out.elem == Elem::F16) as u32);
+    let ranges = [
+        Range::new(&ws.uniform, REDUCE_UNIFORM, 16),
+        partial,
+        out_range,
+    ];
+    b.record(enc, &key, &ranges, a.reduce_grid);
+    Ok(())
+}
+
+fn wgpu_encoder<'a, 'b>(enc: &'a mut Encoder<'b>) -> Result<&'a mut wgpu::CommandEncoder> {
+    match enc {
+        Encoder::Wgpu(e) => Ok(e),
+        other => Err(Error::InvalidConfig(format!(
+            "the wgpu backend records into Encoder::Wgpu, not {other:?}"
+        ))),
+    }
+}
+
+/// The binding of `n` elements of `t`, checked: this backend's buffer, usable as
+/// storage, offset at the device's alignment, size within the buffer and within
+/// one binding.
+fn tensor_range(b: &WgpuBackend, t: &Tensor<'_>, what: &'static str, n: usize) -> Result<Range> {
+    let limits = b.device.limits();
+    let bytes = t.check(what, n, limits.min_storage_buffer_offset_alignment as u64)?;
+    let buffer = WgpuBackend::raw(t.buffer)?;
+    if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+        return Err(Error::InvalidConfig(format!(
+            "{what}: its buffer was not created with BufferUsages::STORAGE"
+        )));
+    }
+    let max = b.info.limits.max_buffer_bytes;
+    if bytes > max {
+        return Err(Error::DeviceLimit {
+            limit: "max_storage_buffer_binding_size",
+            requested: bytes,
+            max,
+        });
+    }
+    Ok(Range::new(buffer, t.offset, bytes))
+}
