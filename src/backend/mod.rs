@@ -185,6 +185,7 @@ pub trait Backend: Send + Sync + fmt::Debug {
 
     /// Turns recording of device time on or off (timestamp queries around each
     /// kernel, for benchmarks; DESIGN §5). Returns whether the device records it.
+    /// Meant for one thread: kernels other threads submit meanwhile are timed too.
     fn set_timing(&self, on: bool) -> bool {
         let _ = on;
         false

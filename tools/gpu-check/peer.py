@@ -3,9 +3,10 @@
 Times f16 scaled_dot_product_attention on the decode shapes kvq's bench times
 (one query per sequence, 32 q / 8 kv heads, D 128, GQA) with every SDPA backend
 that takes them, keeping the fastest, and a device-to-device copy; prints JSON
-lines. Each timed call reads its own copy of K and V, rotating over copies worth
-at least 256 MB, so that no call is served from L2. Without PyTorch or a CUDA
-device it says so and prints nothing.
+lines. Calls are timed from CUDA graphs of ten (kernel time, as kvq's bench takes
+it from timestamps), each reading its own copy of K and V, rotating over copies
+worth at least 256 MB, so that no call is served from L2. Without PyTorch or a
+CUDA device it says so and prints nothing.
 """
 
 import argparse
@@ -42,17 +43,37 @@ def main():
     dev = torch.device("cuda")
     print(f"peer: torch {torch.__version__} on {torch.cuda.get_device_name(dev)}", file=sys.stderr)
 
-    def median_us(fn, iters):
-        for _ in range(3):
-            fn()
+    def median_us(fn, iters, reps=10):
+        """Median µs of one call: `reps` calls captured in a CUDA graph and replayed
+        between events, so that no host launch gap is timed (plain back-to-back
+        calls where the graph cannot be captured)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(reps):
+                    fn()
+            run = graph.replay
+        except RuntimeError as e:
+            print(f"peer: no CUDA graph ({str(e).splitlines()[0]}): timing calls back to back",
+                  file=sys.stderr)
+
+            def run():
+                for _ in range(reps):
+                    fn()
         times = []
         for _ in range(iters):
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
-            fn()
+            run()
             e.record()
             e.synchronize()
-            times.append(s.elapsed_time(e) * 1e3)
+            times.append(s.elapsed_time(e) * 1e3 / reps)
         return statistics.median(times)
 
     n = 1 << 30

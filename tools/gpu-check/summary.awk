@@ -1,6 +1,6 @@
 # summary.md of kvq's GPU check (tools/gpu-check/run): reads the bundle's MANIFEST,
-# probe.log, tests.tsv, bench.jsonl, peer.jsonl and, where nvidia-smi ran, gpu.txt;
-# -v seconds=, failed= (failed steps) and quick= come from run.
+# probe.log, tests.tsv, bench.jsonl, peer.jsonl, notes and, where nvidia-smi ran,
+# gpu.txt; -v seconds=, failed= (failed steps) and quick= come from run.
 
 # The value of "key" in a line of flat JSON.
 function jget(line, key,    tag, i, v) {
@@ -27,6 +27,7 @@ base(FILENAME) == "MANIFEST" && /^(commit|built|features):/ {
 }
 base(FILENAME) == "MANIFEST" { next }
 base(FILENAME) == "gpu.txt" { gpu = $0; next }
+base(FILENAME) == "notes" { notes = notes "- " $0 "\n"; next }
 base(FILENAME) == "probe.log" && /^chosen:/ { sub(/^chosen: /, ""); chosen = $0; next }
 base(FILENAME) == "tests.tsv" {
     split($0, f, "\t")
@@ -74,6 +75,9 @@ END {
     print "| run time | " seconds " s |"
     print "| result | " (failed ? "FAILED: " failed : "ok") " |"
     print ""
+    if (notes) {
+        printf "%s\n", notes
+    }
     print "## Tests (CI=true: a missing adapter fails)"
     print ""
     print "| binary | result | tests passed | seconds |"
