@@ -35,9 +35,9 @@ pub mod wgpu;
 
 pub use attn::AttnParams;
 pub use backend::{
-    Backend, BackendInfo, BackendKind, DeviceBuffer, DeviceType, Preference, Selected, probe,
-    select,
+    Backend, BackendInfo, BackendKind, DeviceBuffer, DeviceType, Elem, Encoder, Preference,
+    Selected, Tensor, probe, probe_async, select, select_async,
 };
-pub use cache::{CacheConfig, KvCache, SeqId};
+pub use cache::{CacheConfig, KvCache, Plan, SeqId};
 pub use dtype::KvDtype;
 pub use error::{Error, Result};

@@ -7,7 +7,9 @@ mod select;
 pub use buffer::DeviceBuffer;
 pub use record::{Elem, Encoder, Prepared, SeqInfo, Step, Tensor};
 pub(crate) use select::Opener;
-pub use select::{Candidate, Preference, Probe, Selected, probe, select};
+pub use select::{
+    Candidate, Preference, Probe, Selected, probe, probe_async, select, select_async,
+};
 
 use std::fmt;
 

@@ -101,11 +101,11 @@ pub struct Selected {
 }
 
 /// Lists every candidate with its rank and verdict.
-pub fn probe(pref: &Preference) -> Result<Probe> {
+pub async fn probe_async(pref: &Preference) -> Result<Probe> {
     let pref = pref.with_env()?;
     let mut candidates = Vec::new();
     candidates.extend(crate::cuda::probe());
-    candidates.extend(crate::wgpu::probe());
+    candidates.extend(crate::wgpu::probe().await);
     candidates.push(Candidate {
         info: crate::cpu::CpuBackend::new().info().clone(),
         rank: None,
@@ -135,20 +135,32 @@ pub fn probe(pref: &Preference) -> Result<Probe> {
     })
 }
 
-/// Opens the best candidate; an error lists every candidate and why it was rejected.
+/// [`probe_async`], blocking.
+pub fn probe(pref: &Preference) -> Result<Probe> {
+    pollster::block_on(probe_async(pref))
+}
+
+/// [`select_async`], blocking.
 pub fn select(pref: &Preference) -> Result<Selected> {
+    pollster::block_on(select_async(pref))
+}
+
+/// Opens the best candidate; an error lists every candidate and why it was rejected.
+pub async fn select_async(pref: &Preference) -> Result<Selected> {
     // Answered before probing: opening adapters cannot help a CUDA request here.
     if pref.with_env()?.kind == Some(BackendKind::Cuda) && !cfg!(feature = "cuda") {
         return Err(Error::CudaNotCompiled);
     }
-    let p = probe(pref)?;
+    let p = probe_async(pref).await?;
     let Some(i) = p.chosen else {
         return Err(Error::NoBackend(no_backend_message(&p)));
     };
     let c = &p.candidates[i];
     let backend: Arc<dyn Backend> = match &c.opener {
         Opener::Cpu => Arc::new(crate::cpu::CpuBackend::new()),
-        Opener::Wgpu(adapter) => Arc::new(crate::wgpu::WgpuBackend::from_adapter(adapter)?),
+        Opener::Wgpu(adapter) => {
+            Arc::new(crate::wgpu::WgpuBackend::from_adapter_async(adapter).await?)
+        }
         Opener::Cuda(ordinal) => crate::cuda::open(*ordinal)?,
     };
     let others = p.candidates.len() - 1;

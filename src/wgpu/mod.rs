@@ -56,18 +56,25 @@ pub struct WgpuBackend {
 
 impl WgpuBackend {
     /// Opens `adapter` with its own limits and the optional features kvq can use.
-    pub fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
+    pub async fn from_adapter_async(adapter: &wgpu::Adapter) -> Result<Self> {
         probe::check(adapter).map_err(Error::Unsupported)?;
         let features =
             adapter.features() & (wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP);
-        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
-            label: Some("kvq"),
-            required_features: features,
-            required_limits: adapter.limits(),
-            ..Default::default()
-        }))
-        .map_err(|e| Error::Device(format!("request_device: {e}")))?;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("kvq"),
+                required_features: features,
+                required_limits: adapter.limits(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::Device(format!("request_device: {e}")))?;
         Ok(Self::new(device, queue, &adapter.get_info()))
+    }
+
+    /// [`Self::from_adapter_async`], blocking.
+    pub fn from_adapter(adapter: &wgpu::Adapter) -> Result<Self> {
+        pollster::block_on(Self::from_adapter_async(adapter))
     }
 
     /// Wraps an application's own device and queue (interop); `adapter_info` names it.
@@ -81,14 +88,75 @@ impl WgpuBackend {
     }
 
     /// Opens the first adapter whose name contains `name` (e.g. "llvmpipe").
-    pub fn open_named(name: &str) -> Result<Self> {
-        let adapters = pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()));
+    pub async fn open_named_async(name: &str) -> Result<Self> {
+        let adapters = instance().enumerate_adapters(wgpu::Backends::all()).await;
         let lower = name.to_lowercase();
         let adapter = adapters
             .iter()
             .find(|a| a.get_info().name.to_lowercase().contains(&lower))
             .ok_or_else(|| Error::NoBackend(format!("no wgpu adapter named like {name:?}")))?;
-        Self::from_adapter(adapter)
+        Self::from_adapter_async(adapter).await
+    }
+
+    /// [`Self::open_named_async`], blocking.
+    pub fn open_named(name: &str) -> Result<Self> {
+        pollster::block_on(Self::open_named_async(name))
+    }
+
+    /// Copies `len` words of `buf` at `offset` back to the host once the work
+    /// before it is done. On native targets wgpu finishes work only when polled:
+    /// this future polls the device (blocking its thread meanwhile); on the web the
+    /// browser does.
+    pub async fn download_async(
+        &self,
+        buf: &DeviceBuffer,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<u32>> {
+        buf.check_range("download end", offset, len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let src = Self::raw(buf)?;
+        self.created.count();
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("kvq readback"),
+            size: len as u64 * 4,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let index = self.submit(|enc| {
+            enc.copy_buffer_to_buffer(src, offset as u64 * 4, &staging, 0, len as u64 * 4);
+            Ok(())
+        })?;
+        let (tx, rx) = futures::channel::oneshot::channel();
+        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait(Some(index))?;
+        rx.await
+            .map_err(|_| Error::Device("readback cancelled".into()))?
+            .map_err(|e| Error::Device(format!("map_async: {e}")))?;
+        let view = staging
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| Error::Device(format!("get_mapped_range: {e}")))?;
+        let words = bytemuck::cast_slice(&view).to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(words)
+    }
+
+    /// Resolves once all work submitted so far is done (polling the device on
+    /// native targets, as [`Self::download_async`]).
+    pub async fn synchronize_async(&self) -> Result<()> {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        self.queue.on_submitted_work_done(move || {
+            let _ = tx.send(());
+        });
+        self.wait(None)?;
+        rx.await
+            .map_err(|_| Error::Device("device lost while waiting".into()))
     }
 
     fn new(device: wgpu::Device, queue: wgpu::Queue, adapter: &wgpu::AdapterInfo) -> Self {
@@ -343,38 +411,7 @@ impl Backend for WgpuBackend {
     }
 
     fn download(&self, buf: &DeviceBuffer, offset: usize, len: usize) -> Result<Vec<u32>> {
-        buf.check_range("download end", offset, len)?;
-        if len == 0 {
-            return Ok(Vec::new());
-        }
-        let src = Self::raw(buf)?;
-        self.created.count();
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("kvq readback"),
-            size: len as u64 * 4,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let index = self.submit(|enc| {
-            enc.copy_buffer_to_buffer(src, offset as u64 * 4, &staging, 0, len as u64 * 4);
-            Ok(())
-        })?;
-        let (tx, rx) = futures::channel::oneshot::channel();
-        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        self.wait(Some(index))?;
-        pollster::block_on(rx)
-            .map_err(|_| Error::Device("readback cancelled".into()))?
-            .map_err(|e| Error::Device(format!("map_async: {e}")))?;
-        let view = staging
-            .slice(..)
-            .get_mapped_range()
-            .map_err(|e| Error::Device(format!("get_mapped_range: {e}")))?;
-        let words = bytemuck::cast_slice(&view).to_vec();
-        drop(view);
-        staging.unmap();
-        Ok(words)
+        pollster::block_on(self.download_async(buf, offset, len))
     }
 
     fn prepare(&self, step: &Step<'_>) -> Result<Prepared> {
@@ -439,7 +476,7 @@ impl Backend for WgpuBackend {
     }
 
     fn synchronize(&self) -> Result<()> {
-        self.wait(None)
+        pollster::block_on(self.synchronize_async())
     }
 
     fn creations(&self) -> u64 {

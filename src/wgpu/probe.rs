@@ -22,8 +22,8 @@ pub fn instance() -> &'static wgpu::Instance {
 }
 
 /// Every adapter, described and checked against kvq's needs.
-pub fn probe() -> Vec<Candidate> {
-    let adapters = pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()));
+pub async fn probe() -> Vec<Candidate> {
+    let adapters = instance().enumerate_adapters(wgpu::Backends::all()).await;
     adapters
         .into_iter()
         .map(|adapter| {

@@ -118,7 +118,7 @@ pub fn record_append(
     }
     let ws = st.lease.get();
     let uniform = Range::new(&ws.uniform, APPEND_UNIFORM, 16);
-    let slots = Range::new(&ws.meta, st.slots.0, st.slots.1);
+    let slots = b.rest(&ws.meta, st.slots);
     for ((pool, src), t) in [pools.0, pools.1].into_iter().zip(sources).zip([k, v]) {
         let key = PipelineKey::rows(Kernel::QuantizeAppend, &pool.layout)
             .with("SRC_F16", (t.elem == Elem::F16) as u32);
@@ -152,14 +152,14 @@ pub fn record_attention(
         return Ok(());
     };
     let ws = st.lease.get();
-    let partial = Range::new(&ws.partial, 0, a.partial_words as u64 * 4);
+    let partial = b.rest(&ws.partial, (0, a.partial_words as u64 * 4));
     let raw = WgpuBackend::raw;
     let (kp, vp) = pools;
     let ranges = [
         Range::new(&ws.uniform, ATTENTION_UNIFORM, 48),
         q_range,
-        Range::new(&ws.meta, st.work.0, st.work.1),
-        Range::new(&ws.meta, st.tables.0, st.tables.1),
+        b.rest(&ws.meta, st.work),
+        b.rest(&ws.meta, st.tables),
         Range::whole(raw(&kp.data)?),
         Range::whole(raw(&kp.side)?),
         Range::whole(raw(&vp.data)?),
@@ -182,6 +182,16 @@ pub fn record_attention(
     ];
     b.record(enc, &key, &ranges, a.reduce_grid);
     Ok(())
+}
+
+impl WgpuBackend {
+    /// A workspace region bound from its start to the end of its buffer (within
+    /// one binding), so that the binding, and the cached bind group, stay the same
+    /// while the region grows from step to step.
+    fn rest(&self, buffer: &wgpu::Buffer, (offset, bytes): (u64, u64)) -> Range {
+        let max = self.info.limits.max_buffer_bytes.max(bytes);
+        Range::new(buffer, offset, (buffer.size() - offset).min(max))
+    }
 }
 
 fn wgpu_encoder<'a, 'b>(enc: &'a mut Encoder<'b>) -> Result<&'a mut wgpu::CommandEncoder> {

@@ -7,6 +7,10 @@ use std::sync::{Arc, Mutex};
 
 use super::bindings::Created;
 
+/// Smallest workspace buffer: room for the records of a few hundred sequences
+/// before the first growth.
+const MIN_BYTES: u64 = 64 << 10;
+
 /// Bytes of each uniform block (the largest `min_uniform_buffer_offset_alignment`
 /// WebGPU allows): attention's parameters, then the reduce pass's, then append's.
 pub const UNIFORM_BLOCK: u64 = 256;
@@ -51,8 +55,8 @@ impl Drop for Lease {
 
 impl Workspaces {
     /// A workspace with at least `meta` and `partial` bytes: a free one that fits,
-    /// else a free one (or a new one) with its short buffers replaced by ones twice
-    /// as large or as large as needed.
+    /// else a free one (or a new one) with its short buffers replaced by ones of the
+    /// next power of two, at least twice as large.
     pub fn lease(
         &self,
         device: &wgpu::Device,
@@ -70,11 +74,14 @@ impl Workspaces {
                 let grow = |have: Option<&wgpu::Buffer>, need: u64, label, usage| match have {
                     Some(b) if b.size() >= need => b.clone(),
                     _ => {
-                        let size = need.max(have.map_or(0, |b| 2 * b.size())).max(256);
+                        let size = need
+                            .next_power_of_two()
+                            .max(have.map_or(0, |b| 2 * b.size()))
+                            .max(MIN_BYTES);
                         created.count();
                         device.create_buffer(&wgpu::BufferDescriptor {
                             label: Some(label),
-                            size: size.next_multiple_of(256),
+                            size,
                             usage,
                             mapped_at_creation: false,
                         })
