@@ -1,12 +1,80 @@
-//! A generation-like loop: a few sequences each append one token per step and
-//! decode over everything cached, in every layer; prints tokens/s and cache memory
-//! per dtype.
+//! A generation loop: each step appends one token per sequence and decodes over
+//! everything cached, in every layer. Times a step (one token per sequence) two
+//! ways on the same backend: the host API (per layer `write` then `decode`, each a
+//! round trip) and the device path (one `plan_decode`, then every layer's append
+//! and attention recorded on device tensors and submitted once). Prints the time
+//! per token, the host time spent recording a layer, and device objects created
+//! per warm step.
 //!
-//!     cargo run --release --example decode_loop -- [steps]
+//!     cargo run --release --example decode_loop -- [--layers 32] [--batch 1,4]
+//!         [--context 64,4096] [--steps 10] [--dtypes int8/int4] [--q-heads 32]
+//!         [--kv-heads 8] [--head-dim 128]
 
+use std::sync::Arc;
 use std::time::Instant;
 
-use kvq::{AttnParams, CacheConfig, KvCache, KvDtype, Preference, Result};
+use kvq::{
+    AttnParams, Backend, CacheConfig, DeviceBuffer, Error, KvCache, KvDtype, Preference, Result,
+    SeqId, Tensor,
+};
+
+struct Opts {
+    layers: usize,
+    batches: Vec<usize>,
+    contexts: Vec<usize>,
+    steps: usize,
+    k: KvDtype,
+    v: KvDtype,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+fn parse() -> Result<Opts> {
+    let mut o = Opts {
+        layers: 32,
+        batches: vec![1, 4],
+        contexts: vec![64, 4096],
+        steps: 10,
+        k: KvDtype::Int8,
+        v: KvDtype::Int4 { group: 32 },
+        q_heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .ok_or_else(|| Error::InvalidConfig(format!("{flag} needs a value")))?;
+        let bad = || Error::InvalidConfig(format!("bad value {value:?} for {flag}"));
+        let num = |v: &str| {
+            v.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(bad)
+        };
+        let nums = |v: &str| v.split(',').map(num).collect::<Result<Vec<_>>>();
+        match flag.as_str() {
+            "--layers" => o.layers = num(&value)?,
+            "--batch" => o.batches = nums(&value)?,
+            "--context" => o.contexts = nums(&value)?,
+            "--steps" => o.steps = num(&value)?,
+            "--q-heads" => o.q_heads = num(&value)?,
+            "--kv-heads" => o.kv_heads = num(&value)?,
+            "--head-dim" => o.head_dim = num(&value)?,
+            "--dtypes" => {
+                (o.k, o.v) = match value.split_once('/') {
+                    Some((k, v)) => (k.parse()?, v.parse()?),
+                    None => (value.parse()?, value.parse()?),
+                }
+            }
+            other => return Err(Error::InvalidConfig(format!("unknown flag {other}"))),
+        }
+    }
+    Ok(o)
+}
 
 fn main() {
     if let Err(e) = run() {
@@ -16,68 +84,151 @@ fn main() {
 }
 
 fn run() -> Result<()> {
-    let steps: usize = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(64);
+    let o = parse()?;
     let chosen = kvq::select(&Preference::allow_cpu())?;
+    let b = chosen.backend;
     println!("backend: {}", chosen.reason);
-    let (layers, kv_heads, q_heads, d, seqs_n, prompt) = (4, 8, 32, 128, 4, 1024);
     println!(
-        "{seqs_n} sequences, prompt {prompt} tokens, {steps} steps, {layers} layers, {kv_heads} kv heads, {q_heads} q heads, head_dim {d}\n"
+        "K {} V {}, {} layers, {} q / {} kv heads, head_dim {}; per step: one token per sequence; medians of {} steps\n",
+        o.k, o.v, o.layers, o.q_heads, o.kv_heads, o.head_dim, o.steps
     );
     println!(
-        "{:<10} {:<10} {:>10} {:>14} {:>12} {:>15}",
-        "K", "V", "tokens/s", "cache MB used", "saving", "first call ms"
+        "{:>5} {:>7} {:>14} {:>16} {:>8} {:>17} {:>16}",
+        "batch",
+        "context",
+        "host API ms",
+        "device path ms",
+        "ratio",
+        "record us/layer",
+        "created/step"
     );
-    for (kd, vd) in [
-        (KvDtype::F16, KvDtype::F16),
-        (KvDtype::Int8, KvDtype::Int8),
-        (KvDtype::Int8, KvDtype::Int4 { group: 32 }),
-        (KvDtype::Int4 { group: 32 }, KvDtype::Int4 { group: 32 }),
-    ] {
-        let cfg =
-            CacheConfig::new(layers, kv_heads, d, seqs_n * (prompt + steps)).with_dtypes(kd, vd);
-        let mut cache = KvCache::new(chosen.backend.clone(), cfg)?;
-        let seqs: Vec<_> = (0..seqs_n).map(|_| cache.add_sequence()).collect();
-        let row = kv_heads * d;
-        let fake = |n: usize, salt: usize| -> Vec<f32> {
-            (0..n)
-                .map(|i| (((i + salt) * 2654435761) % 2000) as f32 / 1000.0 - 1.0)
-                .collect()
-        };
-        for &s in &seqs {
-            let kv = fake(layers * prompt * row, s.0 as usize);
-            cache.append(&[(s, prompt)], &kv, &kv)?;
+    for &batch in &o.batches {
+        for &context in &o.contexts {
+            let r = measure(&b, &o, batch, context)?;
+            println!(
+                "{batch:>5} {context:>7} {:>14.2} {:>16.2} {:>7.2}x {:>17.1} {:>16.1}",
+                r.host_ms,
+                r.device_ms,
+                r.device_ms / r.host_ms,
+                r.record_us_per_layer,
+                r.created_per_step
+            );
         }
-        let params = AttnParams::new(q_heads);
-        let q = fake(seqs_n * q_heads * d, 7);
-        // The first call builds the pipelines (a shader compile per specialisation:
-        // seconds on llvmpipe); it is reported apart from the loop.
-        let first = Instant::now();
-        cache.decode(0, &seqs, &q, &params)?;
-        let first_ms = first.elapsed().as_secs_f64() * 1e3;
-        let start = Instant::now();
-        for step in 0..steps {
-            let batch: Vec<_> = seqs.iter().map(|&s| (s, 1)).collect();
-            let r = cache.extend(&batch)?;
-            let kv = fake(seqs_n * row, step);
-            for layer in 0..layers {
-                cache.write(layer, &r, &kv, &kv)?;
-                cache.decode(layer, &seqs, &q, &params)?;
-            }
-        }
-        let secs = start.elapsed().as_secs_f64();
-        let mem = cache.memory();
-        println!(
-            "{:<10} {:<10} {:>10.1} {:>14.2} {:>11.1}% {:>15.0}",
-            kd.to_string(),
-            vd.to_string(),
-            (steps * seqs_n) as f64 / secs,
-            mem.bytes_used as f64 / 1e6,
-            100.0 * mem.saving_vs_f16(),
-            first_ms
-        );
     }
     Ok(())
+}
+
+struct Measured {
+    host_ms: f64,
+    device_ms: f64,
+    record_us_per_layer: f64,
+    created_per_step: f64,
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// A device buffer of `n` values in [-1, 1).
+fn noise(b: &Arc<dyn Backend>, n: usize, seed: u32) -> Result<DeviceBuffer> {
+    let mut x = seed | 1;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 8) as f32 / (1 << 23) as f32 - 1.0
+        })
+        .collect();
+    let buf = b.alloc(n)?;
+    b.upload(&buf, 0, bytemuck::cast_slice(&v))?;
+    Ok(buf)
+}
+
+/// A cache of `batch` sequences filled to `context` tokens in every layer (through
+/// the device path, from one buffer of noise).
+fn filled(
+    b: &Arc<dyn Backend>,
+    o: &Opts,
+    batch: usize,
+    context: usize,
+) -> Result<(KvCache, Vec<SeqId>)> {
+    let capacity = batch * (context + 2 * o.steps + 2);
+    let cfg = CacheConfig::new(o.layers, o.kv_heads, o.head_dim, capacity).with_dtypes(o.k, o.v);
+    let mut cache = KvCache::new(b.clone(), cfg)?;
+    let seqs: Vec<SeqId> = (0..batch).map(|_| cache.add_sequence()).collect();
+    let kv = noise(b, context * o.kv_heads * o.head_dim, 7)?;
+    let params = AttnParams::new(o.q_heads);
+    for &s in &seqs {
+        let plan = cache.plan_prefill(&[(s, context)], &params)?;
+        let t = Tensor::f32(&kv);
+        b.run(&mut |enc| {
+            (0..o.layers).try_for_each(|l| cache.record_append(enc, &plan, l, &t, &t))
+        })?;
+    }
+    b.synchronize()?;
+    Ok((cache, seqs))
+}
+
+fn measure(b: &Arc<dyn Backend>, o: &Opts, batch: usize, context: usize) -> Result<Measured> {
+    let params = AttnParams::new(o.q_heads);
+    let row_kv = o.kv_heads * o.head_dim;
+    let row_q = o.q_heads * o.head_dim;
+
+    // Host API: per layer, write the new tokens' K/V, then decode (a download).
+    let (mut cache, seqs) = filled(b, o, batch, context)?;
+    let kv_host = vec![0.25f32; batch * row_kv];
+    let q_host = vec![0.5f32; batch * row_q];
+    let batch_1: Vec<_> = seqs.iter().map(|&s| (s, 1)).collect();
+    let mut host = Vec::new();
+    for step in 0..o.steps + 2 {
+        let start = Instant::now();
+        let r = cache.extend(&batch_1)?;
+        for l in 0..o.layers {
+            cache.write(l, &r, &kv_host, &kv_host)?;
+            cache.decode(l, &seqs, &q_host, &params)?;
+        }
+        if step >= 2 {
+            host.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    drop(cache);
+
+    // Device path: one plan per step, every layer recorded, one submission.
+    let (mut cache, seqs) = filled(b, o, batch, context)?;
+    let kv = noise(b, batch * row_kv, 11)?;
+    let q = noise(b, batch * row_q, 13)?;
+    let out = b.alloc(batch * row_q)?;
+    let (kv, q, out) = (Tensor::f32(&kv), Tensor::f32(&q), Tensor::f32(&out));
+    let (mut device, mut record) = (Vec::new(), Vec::new());
+    let mut created = 0;
+    for step in 0..o.steps + 2 {
+        if step == 2 {
+            created = b.creations();
+        }
+        let start = Instant::now();
+        let plan = cache.plan_decode(&seqs, &params)?;
+        let mut recording = 0.0;
+        b.run(&mut |enc| {
+            let t = Instant::now();
+            for l in 0..o.layers {
+                cache.record_append(enc, &plan, l, &kv, &kv)?;
+                cache.record_attention(enc, &plan, l, &q, &out)?;
+            }
+            recording = t.elapsed().as_secs_f64() * 1e6;
+            Ok(())
+        })?;
+        b.synchronize()?;
+        if step >= 2 {
+            device.push(start.elapsed().as_secs_f64() * 1e3);
+            record.push(recording / o.layers as f64);
+        }
+    }
+    Ok(Measured {
+        host_ms: median(host),
+        device_ms: median(device),
+        record_us_per_layer: median(record),
+        created_per_step: (b.creations() - created) as f64 / o.steps as f64,
+    })
 }
