@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::backend::{Backend, DeviceBuffer, Pool, Prepared, Step, Tensor};
+use crate::backend::{Backend, DeviceBuffer, Pool, Prepared, Tensor};
 use crate::quant::check_finite;
 use crate::{AttnParams, Error, KvDtype, Result};
 
@@ -334,19 +334,7 @@ impl KvCache {
 
     /// A step that only appends, at `slots`.
     fn prepare_append(&self, slots: &[u32]) -> Result<Prepared> {
-        let (k, v) = (
-            self.config.layout(self.config.k_dtype),
-            self.config.layout(self.config.v_dtype),
-        );
-        self.backend.prepare(&Step {
-            k: &k,
-            v: &v,
-            slots,
-            seqs: &[],
-            tables: &[],
-            params: None,
-            decode: false,
-        })
+        self.prepare_step(&[], slots, None)
     }
 
     fn check_kv(&self, tokens: usize, k: &[f32], v: &[f32]) -> Result<()> {

@@ -64,7 +64,7 @@ impl KvCache {
     /// queries at the sequence's last `n` positions (decode when every `n` is 1).
     pub fn plan_attention(&self, batch: &[(SeqId, usize)], params: &AttnParams) -> Result<Plan> {
         let params = self.check_step(batch, params)?;
-        let prepared = self.prepare_step(batch, &[], params)?;
+        let prepared = self.prepare_step(batch, &[], Some(params))?;
         Ok(self.plan(prepared, batch))
     }
 
@@ -107,7 +107,7 @@ impl KvCache {
         let params = self.check_step(batch, params)?;
         let before = self.blocks.clone();
         let slots = self.blocks.extend(batch)?;
-        match self.prepare_step(batch, &slots, params) {
+        match self.prepare_step(batch, &slots, Some(params)) {
             Ok(prepared) => {
                 self.epoch += 1;
                 Ok(self.plan(prepared, batch))
@@ -149,7 +149,7 @@ impl KvCache {
         &self,
         batch: &[(SeqId, usize)],
         slots: &[u32],
-        params: Resolved,
+        params: Option<Resolved>,
     ) -> Result<Prepared> {
         let mut seqs = Vec::with_capacity(batch.len());
         let mut tables = Vec::new();
@@ -182,7 +182,7 @@ impl KvCache {
             slots,
             seqs: &seqs,
             tables: &tables,
-            params: Some(params),
+            params,
             decode: batch.iter().all(|b| b.1 == 1),
         })
     }

@@ -265,6 +265,19 @@ impl WgpuBackend {
         Ok(index)
     }
 
+    /// Checks that `bytes` fit one storage binding.
+    pub(crate) fn check_binding(&self, bytes: u64) -> Result<()> {
+        let max = self.info.limits.max_buffer_bytes;
+        if bytes > max {
+            return Err(Error::DeviceLimit {
+                limit: "max_storage_buffer_binding_size",
+                requested: bytes,
+                max,
+            });
+        }
+        Ok(())
+    }
+
     /// The grid of `invocations` threads in workgroups of `wg_size`, folded into 2-D
     /// past the per-dimension limit.
     pub(crate) fn rows_grid(&self, invocations: u32, wg_size: u32) -> Result<[u32; 3]> {
@@ -374,14 +387,7 @@ impl Backend for WgpuBackend {
 
     fn alloc(&self, words: usize) -> Result<DeviceBuffer> {
         let bytes = (words.max(1) as u64).saturating_mul(4);
-        let max = self.info.limits.max_buffer_bytes;
-        if bytes > max {
-            return Err(Error::DeviceLimit {
-                limit: "max_storage_buffer_binding_size",
-                requested: bytes,
-                max,
-            });
-        }
+        self.check_binding(bytes)?;
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         self.created.count();
         let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {

@@ -57,17 +57,8 @@ pub fn prepare(b: &WgpuBackend, step: &Step<'_>) -> Result<Prepared> {
     let work = region(work_words);
     let tables = region(step.tables);
     let partial = attention.as_ref().map_or(0, |a| a.partial_words as u64 * 4);
-    let max = b.info.limits.max_buffer_bytes;
-    if let Some(bytes) = [meta.len() as u64 * 4, partial]
-        .into_iter()
-        .find(|&x| x > max)
-    {
-        return Err(Error::DeviceLimit {
-            limit: "max_storage_buffer_binding_size",
-            requested: bytes,
-            max,
-        });
-    }
+    b.check_binding(meta.len() as u64 * 4)?;
+    b.check_binding(partial)?;
     let lease = b
         .workspaces
         .lease(&b.device, meta.len() as u64 * 4, partial, &b.created);
@@ -215,13 +206,6 @@ fn tensor_range(b: &WgpuBackend, t: &Tensor<'_>, what: &'static str, n: usize) -
             "{what}: its buffer was not created with BufferUsages::STORAGE"
         )));
     }
-    let max = b.info.limits.max_buffer_bytes;
-    if bytes > max {
-        return Err(Error::DeviceLimit {
-            limit: "max_storage_buffer_binding_size",
-            requested: bytes,
-            max,
-        });
-    }
+    b.check_binding(bytes)?;
     Ok(Range::new(buffer, t.offset, bytes))
 }
