@@ -89,7 +89,7 @@ END {
     print "µs: median " (clock == "device" ? "device time of the kernels (timestamp queries)" : "wall time from submit to completion") "; GB/s: K+V bytes read over it;"
     print "roofline: kvq's streaming read of as many bytes in the same rounds; vs f16: median"
     print "of each round's ratio to F16. SDPA: PyTorch's f16 scaled_dot_product_attention on"
-    print "the same shapes, fastest backend, CUDA events, K/V copies rotated past L2."
+    print "the same shapes, fastest backend, timed over CUDA graphs of ten calls, K/V copies rotated past L2."
     print ""
     print "| batch | context | K / V | µs | GB/s | roofline GB/s | roofline % | vs f16 | SDPA f16 µs | µs / SDPA |"
     print "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
