@@ -11,7 +11,7 @@
 //! runs wgpu's GPU-shaped attention kernel even on a CPU adapter, where
 //! `attention_lanes.wgsl` is otherwise chosen; `--no-subgroups` makes it sum over a
 //! key's lanes through workgroup memory, and `--lane-floats N` sets its register
-//! budget per lane (see `kvq::wgpu::attention::lane_shape`).
+//! budget per lane (see `kvq::attn::work::lane_shape`).
 //!
 //! A dtype is `K` or `K/V` (e.g. `int8/int4`). Times are medians after warm-up of
 //! the device time of the call's kernels, from timestamp queries where the device

@@ -3,9 +3,8 @@
 
 mod common;
 
-use kvq::wgpu::attention::{
-    LANE_FLOATS, decode_heads_per_group, lane_shape, lanes_fit, prefill_heads_per_group,
-};
+use kvq::attn::work::{LANE_FLOATS, decode_heads_per_group, lane_shape, prefill_heads_per_group};
+use kvq::wgpu::attention::lanes_fit;
 use kvq::wgpu::pipelines::PipelineKey;
 use kvq::wgpu::shaders::{Kernel, PRELUDES, validate};
 use kvq::{CacheConfig, KvDtype};

@@ -23,6 +23,7 @@ use self::bindings::{BindGroups, Created, Range};
 use self::pipelines::{PipelineKey, Pipelines};
 use self::timing::Timer;
 use self::workspace::Workspaces;
+use crate::attn::work::LANE_FLOATS;
 use crate::backend::{Backend, BackendInfo, DeviceBuffer, Encoder, Pool, Prepared, Step, Tensor};
 use crate::{Error, Result};
 
@@ -42,7 +43,7 @@ pub struct WgpuBackend {
     /// The adapter's smallest subgroup, when the device has subgroups and
     /// `attention.wgsl` may sum over a key's lanes with them.
     subgroup_size: Option<u32>,
-    /// `attention.wgsl`'s register budget per lane ([`attention::lane_shape`]).
+    /// `attention.wgsl`'s register budget per lane ([`crate::attn::work::lane_shape`]).
     lane_floats: u32,
     /// Timestamps around every pass, while timing is on.
     timer: Mutex<Option<Timer>>,
@@ -174,7 +175,7 @@ impl WgpuBackend {
             pipelines: Pipelines::default(),
             lanes,
             subgroup_size,
-            lane_floats: attention::LANE_FLOATS,
+            lane_floats: LANE_FLOATS,
             timer: Mutex::new(None),
             bind_groups: BindGroups::default(),
             workspaces: Workspaces::default(),
@@ -197,10 +198,10 @@ impl WgpuBackend {
     }
 
     /// Sets `attention.wgsl`'s register budget per lane, clamped to 8..=
-    /// [`attention::LANE_FLOATS`] (the size of the kernel's register arrays): fewer
+    /// [`LANE_FLOATS`] (the size of the kernel's register arrays): fewer
     /// dims per lane below the default, for tuning on a GPU.
     pub fn with_lane_floats(mut self, floats: u32) -> Self {
-        self.lane_floats = floats.clamp(8, attention::LANE_FLOATS);
+        self.lane_floats = floats.clamp(8, LANE_FLOATS);
         self
     }
 

@@ -3,9 +3,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::attention::LaneShape;
 use super::bindings::Created;
 use super::shaders::{self, Kernel};
+use crate::attn::work::LaneShape;
 use crate::cache::PoolLayout;
 use crate::quant::hadamard_norm;
 use crate::{Error, Result};

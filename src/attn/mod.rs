@@ -1,4 +1,7 @@
-//! Attention parameters (DESIGN §3): scale, softcap, sliding window, GQA ratio.
+//! Attention parameters (DESIGN §3): scale, softcap, sliding window, GQA ratio;
+//! and how GPU kernels cut attention into work ([`work`]).
+
+pub mod work;
 
 use crate::{Error, Result};
 
