@@ -10,7 +10,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{backends, gpu, stored};
+use common::{backends, gpus, stored};
 use kvq::reference::{ErrorStats, attention_f64, error_stats};
 use kvq::{AttnParams, Backend, CacheConfig, KvCache, KvDtype};
 
@@ -255,7 +255,12 @@ fn real_activations_accuracy_table() {
 /// The GPU gives what the CPU gives on the same input.
 #[test]
 fn gpu_agrees_with_cpu_on_real_activations() {
-    let Some(gpu) = gpu() else { return };
+    for gpu in gpus() {
+        agrees_with_cpu_on_real_activations(&gpu);
+    }
+}
+
+fn agrees_with_cpu_on_real_activations(gpu: &Arc<dyn Backend>) {
     let cpu = &backends()[0];
     for l in [0, 29] {
         let x = layer(l);
@@ -263,7 +268,7 @@ fn gpu_agrees_with_cpu_on_real_activations() {
             for rotate in [false, true] {
                 for prefill in [false, true] {
                     let a = run(cpu, &x, k, v, rotate, prefill);
-                    let b = run(&gpu, &x, k, v, rotate, prefill);
+                    let b = run(gpu, &x, k, v, rotate, prefill);
                     let e = error_stats(&b, &a, x.d);
                     assert!(
                         e.nmse <= GPU_CPU_NMSE,

@@ -461,13 +461,7 @@ fn bad_attention_input_is_an_error_and_changes_nothing() {
 /// backend is its own, so that no other test's kernels are timed.
 #[test]
 fn device_time_of_a_decode_is_recorded_where_the_device_can() {
-    let mut own: Vec<Arc<dyn Backend>> = vec![Arc::new(kvq::cpu::CpuBackend::new())];
-    if let Some(gpu) = common::gpu() {
-        own.push(Arc::new(
-            kvq::wgpu::WgpuBackend::open_named(&gpu.info().name).unwrap(),
-        ));
-    }
-    for b in own {
+    for b in common::own_backends() {
         let cfg = CacheConfig::new(1, 2, 64, 256);
         let (cache, seqs, _, _) = filled(b.clone(), cfg, &[100], 3);
         let q = Rng::new(4).normals(4 * 64);

@@ -228,7 +228,7 @@ fn record_step(b: &Arc<dyn Backend>, cache: &KvCache, plan: &Plan, t: &Step1) ->
 /// Each backend is its own, so that no other test's objects are counted.
 #[test]
 fn warm_decode_steps_create_nothing() {
-    for b in own_backends() {
+    for b in common::own_backends() {
         let mut cache = KvCache::new(b.clone(), config()).unwrap();
         let seqs: Vec<SeqId> = (0..4).map(|_| cache.add_sequence()).collect();
         let p = AttnParams::new(Q_HEADS);
@@ -360,17 +360,6 @@ fn bad_steps_and_tensors_are_errors_and_change_nothing() {
         // The plan still works afterwards.
         record_step(&b, &cache, &plan, &t).unwrap();
     }
-}
-
-/// The CPU reference and a wgpu backend of this test's own on the GPU adapter.
-fn own_backends() -> Vec<Arc<dyn Backend>> {
-    let mut v: Vec<Arc<dyn Backend>> = vec![Arc::new(kvq::cpu::CpuBackend::new())];
-    if let Some(gpu) = common::gpu() {
-        v.push(Arc::new(
-            kvq::wgpu::WgpuBackend::open_named(&gpu.info().name).unwrap(),
-        ));
-    }
-    v
 }
 
 fn record(

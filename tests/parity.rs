@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{Rng, gpu};
+use common::{Rng, gpus};
 use kvq::cpu::CpuBackend;
 use kvq::{Backend, CacheConfig, KvCache, KvDtype};
 
@@ -116,13 +116,18 @@ fn compare(
 
 #[test]
 fn gpu_append_matches_cpu_codes() {
-    let Some(gpu) = gpu() else { return };
+    for gpu in gpus() {
+        append_matches_cpu_codes(&gpu);
+    }
+}
+
+fn append_matches_cpu_codes(gpu: &Arc<dyn Backend>) {
     let mut report = Vec::new();
     for d in [64usize, 80, 96, 128, 256] {
         for dtype in dtypes(d) {
             for rotate in [false, d.is_power_of_two()] {
-                let (total, off) = compare(&gpu, dtype, d, rotate, d as u64);
-                let what = format!("{dtype} D {d} rotate {rotate}");
+                let (total, off) = compare(gpu, dtype, d, rotate, d as u64);
+                let what = format!("{} {dtype} D {d} rotate {rotate}", gpu.info().kind);
                 report.push(format!("{what}: {off} of {total} codes off by one"));
                 assert!(
                     off as f64 <= MAX_OFF_BY_ONE_RATE * total as f64,
@@ -137,7 +142,12 @@ fn gpu_append_matches_cpu_codes() {
 /// Dequantize on the GPU equals the CPU reference's dequantization of the same pool.
 #[test]
 fn gpu_dequantize_matches_cpu() {
-    let Some(gpu) = gpu() else { return };
+    for gpu in gpus() {
+        dequantize_matches_cpu(&gpu);
+    }
+}
+
+fn dequantize_matches_cpu(gpu: &Arc<dyn Backend>) {
     for (dtype, d, rotate) in [
         (KvDtype::F16, 80, false),
         (KvDtype::Int8, 80, false),

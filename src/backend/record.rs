@@ -19,6 +19,9 @@ pub enum Encoder<'a> {
     Immediate,
     /// A wgpu command encoder the application owns and submits.
     Wgpu(&'a mut ::wgpu::CommandEncoder),
+    /// A CUDA stream: work is launched on it, in order, as it is recorded.
+    #[cfg(feature = "cuda")]
+    Cuda(&'a cudarc::driver::CudaStream),
 }
 
 impl fmt::Debug for Encoder<'_> {
@@ -26,6 +29,8 @@ impl fmt::Debug for Encoder<'_> {
         f.write_str(match self {
             Encoder::Immediate => "Encoder::Immediate",
             Encoder::Wgpu(_) => "Encoder::Wgpu",
+            #[cfg(feature = "cuda")]
+            Encoder::Cuda(_) => "Encoder::Cuda",
         })
     }
 }

@@ -1,35 +1,835 @@
-//! CUDA backend through cudarc (dynamic loading, NVRTC at run time).
-//!
-//! Not implemented yet: the entry points answer a clear error so that selection
-//! reports CUDA devices as rejected rather than failing to build.
+//! The CUDA backend: cudarc with dynamic loading (no toolkit to build; the driver's
+//! libcuda.so.1 and NVRTC's libnvrtc.so.13 or .so.12 at run time), the kernels of
+//! `shaders/cuda/` compiled by NVRTC for the device's architecture and cached per
+//! specialisation. Same formats and layout as every backend (DESIGN §1–§2), the
+//! device path of DESIGN §7 on a CUDA stream ([`Encoder::Cuda`]).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::backend::{Backend, BackendInfo};
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use cudarc::driver::{result, sys};
+
+use super::kernels::{CudaKernel, KernelKey, compile, nvrtc_missing};
+use crate::attn::work::{LANE_FLOATS, TILE, WG, Work, lane_shape};
+use crate::backend::{
+    Backend, BackendInfo, BackendKind, Candidate, DeviceBuffer, DeviceLimits, DeviceType, Elem,
+    Encoder, Opener, Pool, Prepared, Step, Tensor,
+};
+use crate::cache::PoolLayout;
+use crate::quant::hadamard_norm;
 use crate::{Error, Result};
 
-fn not_yet() -> Error {
-    Error::Unsupported("the CUDA backend's kernels are not implemented yet".into())
+const NAME: &str = "cuda";
+/// Workgroups a decode call aims for per multiprocessor.
+const BLOCKS_PER_SM: usize = 8;
+
+fn driver_err(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Device(format!("CUDA {what}: {e:?}"))
+}
+
+/// CUDA devices as selection candidates: each with its verdict, or one rejected
+/// candidate saying why there is none. Never panics (a driver that does is caught).
+pub(crate) fn probe() -> Vec<Candidate> {
+    std::panic::catch_unwind(list).unwrap_or_else(|_| {
+        vec![rejected(
+            "rejected: the CUDA driver panicked while probing".into(),
+        )]
+    })
+}
+
+fn rejected(reason: String) -> Candidate {
+    Candidate {
+        info: BackendInfo {
+            kind: BackendKind::Cuda,
+            name: "CUDA".into(),
+            device_type: DeviceType::Other,
+            api: "CUDA".into(),
+            driver: String::new(),
+            limits: DeviceLimits {
+                max_buffer_bytes: 0,
+                max_workgroup_storage_bytes: 0,
+                max_invocations_per_workgroup: 0,
+                max_workgroups_per_dimension: 0,
+            },
+            features: Vec::new(),
+        },
+        rank: None,
+        reason,
+        opener: Opener::Cuda(usize::MAX),
+    }
+}
+
+fn list() -> Vec<Candidate> {
+    // SAFETY: probing loads the library or fails; it calls nothing in it.
+    if !unsafe { sys::is_culib_present() } {
+        return vec![rejected(
+            "rejected: no CUDA driver (libcuda.so.1 not found)".into(),
+        )];
+    }
+    if let Err(e) = result::init() {
+        return vec![rejected(format!("rejected: cuInit failed: {e:?}"))];
+    }
+    let count = match result::device::get_count() {
+        Ok(n) => n.max(0) as usize,
+        Err(e) => return vec![rejected(format!("rejected: no CUDA device count: {e:?}"))],
+    };
+    // SAFETY: as above.
+    let nvrtc = unsafe { cudarc::nvrtc::sys::is_culib_present() };
+    (0..count)
+        .map(|i| match describe(i) {
+            Ok(info) => Candidate {
+                info,
+                rank: None,
+                reason: if nvrtc {
+                    String::new()
+                } else {
+                    format!("rejected: {}", nvrtc_missing())
+                },
+                opener: Opener::Cuda(i),
+            },
+            Err(e) => rejected(format!("rejected: CUDA device {i}: {e}")),
+        })
+        .collect()
 }
 
 /// Number of CUDA devices the driver reports.
 pub fn device_count() -> Result<usize> {
-    Err(not_yet())
+    // SAFETY: probing loads the library or fails.
+    if !unsafe { sys::is_culib_present() } {
+        return Err(Error::NoBackend(
+            "no CUDA driver (libcuda.so.1 not found)".into(),
+        ));
+    }
+    result::init().map_err(|e| driver_err("init", e))?;
+    let n = result::device::get_count().map_err(|e| driver_err("device count", e))?;
+    Ok(n.max(0) as usize)
 }
 
-/// Opens CUDA device `ordinal`.
-pub fn open(ordinal: usize) -> Result<Arc<dyn Backend>> {
-    let _ = ordinal;
-    Err(not_yet())
+fn attribute(dev: sys::CUdevice, a: sys::CUdevice_attribute) -> Result<i32> {
+    // SAFETY: a valid device and attribute.
+    unsafe { result::device::get_attribute(dev, a) }.map_err(|e| driver_err("attribute", e))
 }
 
 /// Describes CUDA device `ordinal`.
 pub fn describe(ordinal: usize) -> Result<BackendInfo> {
-    let _ = ordinal;
-    Err(not_yet())
+    use sys::CUdevice_attribute as A;
+    if ordinal >= device_count()? {
+        return Err(Error::OutOfRange {
+            what: "CUDA device",
+            value: ordinal,
+            limit: device_count()?,
+        });
+    }
+    let dev = result::device::get(ordinal as i32).map_err(|e| driver_err("device", e))?;
+    let name = result::device::get_name(dev).map_err(|e| driver_err("name", e))?;
+    // SAFETY: a valid device.
+    let memory = unsafe { result::device::total_mem(dev) }.map_err(|e| driver_err("memory", e))?;
+    let major = attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+    let minor = attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+    let sms = attribute(dev, A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+    let shared = attribute(dev, A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK)?;
+    let mut driver = 0;
+    // SAFETY: writes one int.
+    unsafe { sys::cuDriverGetVersion(&mut driver) }
+        .result()
+        .map_err(|e| driver_err("driver version", e))?;
+    Ok(BackendInfo {
+        kind: BackendKind::Cuda,
+        name,
+        device_type: DeviceType::Discrete,
+        api: "CUDA".into(),
+        driver: format!(
+            "CUDA {}.{}, compute capability {major}.{minor}, {sms} SMs",
+            driver / 1000,
+            driver % 1000 / 10
+        ),
+        limits: DeviceLimits {
+            max_buffer_bytes: memory as u64,
+            max_workgroup_storage_bytes: shared.max(0) as u32,
+            max_invocations_per_workgroup: 1024,
+            max_workgroups_per_dimension: 65535,
+        },
+        features: vec![
+            format!("sm_{major}{minor}"),
+            "warp-shuffle 32".into(),
+            "events".into(),
+        ],
+    })
 }
 
-/// CUDA candidates for selection.
-pub(crate) fn probe() -> Vec<crate::backend::Candidate> {
-    Vec::new()
+/// Opens CUDA device `ordinal`.
+pub fn open(ordinal: usize) -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(CudaBackend::new(ordinal)?))
+}
+
+/// Device memory: kvq's own (freed on drop) or the application's.
+#[derive(Debug)]
+struct Mem {
+    ptr: u64,
+    owned: Option<Arc<CudaContext>>,
+}
+
+impl Drop for Mem {
+    fn drop(&mut self) {
+        if let Some(ctx) = &self.owned {
+            // A failure here cannot be reported; the memory is the driver's again at exit.
+            let _ = ctx.bind_to_thread();
+            // SAFETY: kvq allocated it and nothing uses it once its buffer is dropped.
+            let _ = unsafe { result::free_sync(self.ptr) };
+        }
+    }
+}
+
+/// kvq on one CUDA device.
+#[derive(Debug)]
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    info: BackendInfo,
+    arch: &'static str,
+    sms: usize,
+    functions: Mutex<HashMap<(KernelKey, &'static str), CudaFunction>>,
+    workspaces: Arc<Mutex<Vec<Workspace>>>,
+    created: AtomicU64,
+    /// Events around every launch, while timing is on.
+    timing: Mutex<Option<Vec<(CudaEvent, CudaEvent)>>>,
+}
+
+/// Device memory of a prepared step: its records (slots, work, tables) and partials.
+#[derive(Debug, Clone)]
+struct Workspace {
+    meta: Arc<DeviceBuffer>,
+    partial: Arc<DeviceBuffer>,
+}
+
+/// A workspace lent to a step, back to the free list when the step is dropped.
+#[derive(Debug)]
+struct Lease {
+    ws: Workspace,
+    home: Arc<Mutex<Vec<Workspace>>>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        lock(&self.home).push(self.ws.clone());
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A step as the CUDA backend keeps it: its records on the host until the first
+/// record uploads them on the recording stream (after that stream's earlier work,
+/// which may still read the workspace), and the partition.
+#[derive(Debug)]
+struct CudaStep {
+    lease: Lease,
+    meta: Vec<u32>,
+    uploaded: Mutex<Option<usize>>,
+    slots: u64,
+    work: u64,
+    tables: u64,
+    append_grid: (u32, u32, u32),
+    attention: Option<Attention>,
+}
+
+#[derive(Debug)]
+struct Attention {
+    key: KernelKey,
+    params: AttnParams,
+    shape: AttnShape,
+    grid: (u32, u32, u32),
+    reduce: ReduceParams,
+    reduce_grid: (u32, u32, u32),
+}
+
+/// `AttnParams` of `attention.cu`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct AttnParams([u32; 12]);
+// SAFETY: plain words, laid out as the kernel's struct.
+unsafe impl DeviceRepr for AttnParams {}
+
+/// `AttnShape` of `attention.cu`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct AttnShape {
+    head_dim: u32,
+    k_group: u32,
+    v_group: u32,
+    qh: u32,
+    kt: u32,
+    rotate_q: u32,
+    q_f16: u32,
+    norm: f32,
+}
+// SAFETY: as above.
+unsafe impl DeviceRepr for AttnShape {}
+
+/// `ReduceParams` of `attn_reduce.cu`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct ReduceParams {
+    rows: u32,
+    splits: u32,
+    head_dim: u32,
+    rotate_out: u32,
+    norm: f32,
+    out_f16: u32,
+    pad: [u32; 2],
+}
+// SAFETY: as above.
+unsafe impl DeviceRepr for ReduceParams {}
+
+/// `RowParams` of `rows.cu`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct RowParams {
+    tokens: u32,
+    kv_heads: u32,
+    block_size: u32,
+    capacity: u32,
+    dtype: u32,
+    head_dim: u32,
+    group: u32,
+    rotate: u32,
+    norm: f32,
+    src_f16: u32,
+    pad: [u32; 2],
+}
+// SAFETY: as above.
+unsafe impl DeviceRepr for RowParams {}
+
+impl RowParams {
+    fn new(tokens: usize, l: &PoolLayout, src_f16: bool) -> Self {
+        RowParams {
+            tokens: tokens as u32,
+            kv_heads: l.kv_heads as u32,
+            block_size: l.block_size as u32,
+            capacity: (l.num_blocks * l.block_size) as u32,
+            dtype: l.dtype.tag(),
+            head_dim: l.head_dim as u32,
+            group: l.dtype.group().max(8),
+            rotate: l.rotated as u32,
+            norm: hadamard_norm(l.head_dim),
+            src_f16: src_f16 as u32,
+            pad: [0; 2],
+        }
+    }
+}
+
+impl CudaBackend {
+    /// Opens CUDA device `ordinal` on a stream of kvq's own.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let info = describe(ordinal)?;
+        // SAFETY: probing loads the library or fails.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            return Err(Error::Unsupported(nvrtc_missing()));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| driver_err("context", e))?;
+        // Raw pointers and one stream per call: kvq orders its own work.
+        // SAFETY: no CudaSlice is shared between streams by kvq.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| driver_err("stream", e))?;
+        let dev = result::device::get(ordinal as i32).map_err(|e| driver_err("device", e))?;
+        use sys::CUdevice_attribute as A;
+        let major = attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+        let minor = attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        let sms = attribute(dev, A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as usize;
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            info,
+            arch: arch_name(major, minor)?,
+            sms,
+            functions: Mutex::default(),
+            workspaces: Arc::default(),
+            created: AtomicU64::new(0),
+            timing: Mutex::new(None),
+        })
+    }
+
+    /// The stream kvq's own calls ([`Backend::run`], uploads, downloads) use.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Device memory the application owns (`bytes` from `ptr`, on this backend's
+    /// device) as a [`DeviceBuffer`] for the device path's [`Tensor`]s; kvq never
+    /// frees it.
+    pub fn buffer(ptr: u64, bytes: usize) -> DeviceBuffer {
+        DeviceBuffer::new(bytes / 4, Mem { ptr, owned: None })
+    }
+
+    fn ptr(buf: &DeviceBuffer) -> Result<u64> {
+        Ok(buf.downcast::<Mem>(NAME)?.ptr)
+    }
+
+    /// The function `entry` of `key`, compiled and loaded on first use.
+    fn function(&self, key: &KernelKey, entry: &'static str) -> Result<CudaFunction> {
+        let mut functions = lock(&self.functions);
+        if let Some(f) = functions.get(&(key.clone(), entry)) {
+            return Ok(f.clone());
+        }
+        let ptx = compile(key, self.arch)?;
+        self.created.fetch_add(1, Ordering::Relaxed);
+        let module = self
+            .ctx
+            .load_module(ptx)
+            .map_err(|e| driver_err("module", e))?;
+        let f = module
+            .load_function(entry)
+            .map_err(|e| driver_err(entry, e))?;
+        functions.insert((key.clone(), entry), f.clone());
+        Ok(f)
+    }
+
+    /// Launches what `builder` holds (a function of this backend and its arguments)
+    /// on `stream`, timed while timing is on.
+    fn launch(
+        &self,
+        stream: &CudaStream,
+        mut builder: cudarc::driver::LaunchArgs<'_>,
+        grid: (u32, u32, u32),
+    ) -> Result<()> {
+        let mut timing = lock(&self.timing);
+        let start = match timing.as_mut() {
+            Some(_) => Some(self.event(stream)?),
+            None => None,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: (WG, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the callers push the arguments the kernel declares, in order,
+        // built from the same layouts, and every pointer was checked to cover what
+        // the kernel reads or writes.
+        unsafe { builder.launch(cfg) }.map_err(|e| driver_err("launch", e))?;
+        if let (Some(start), Some(list)) = (start, timing.as_mut()) {
+            list.push((start, self.event(stream)?));
+        }
+        Ok(())
+    }
+
+    fn event(&self, stream: &CudaStream) -> Result<CudaEvent> {
+        self.created.fetch_add(1, Ordering::Relaxed);
+        let e = self
+            .ctx
+            .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| driver_err("event", e))?;
+        e.record(stream).map_err(|e| driver_err("event", e))?;
+        Ok(e)
+    }
+
+    fn lease(&self, meta_words: usize, partial_words: usize) -> Result<Lease> {
+        let mut free = lock(&self.workspaces);
+        let fits =
+            |w: &Workspace| w.meta.words() >= meta_words && w.partial.words() >= partial_words;
+        let ws = match free.iter().position(fits) {
+            Some(i) => free.swap_remove(i),
+            None => {
+                let old = free.pop();
+                let grow =
+                    |have: Option<&Arc<DeviceBuffer>>, need: usize| -> Result<Arc<DeviceBuffer>> {
+                        match have {
+                            Some(b) if b.words() >= need => Ok(b.clone()),
+                            _ => {
+                                let words = need
+                                    .next_power_of_two()
+                                    .max(have.map_or(0, |b| 2 * b.words()))
+                                    .max(16 << 10);
+                                Ok(Arc::new(self.alloc(words)?))
+                            }
+                        }
+                    };
+                Workspace {
+                    meta: grow(old.as_ref().map(|w| &w.meta), meta_words)?,
+                    partial: grow(old.as_ref().map(|w| &w.partial), partial_words)?,
+                }
+            }
+        };
+        Ok(Lease {
+            ws,
+            home: self.workspaces.clone(),
+        })
+    }
+
+    /// Uploads a step's records on `stream` the first time they are recorded there.
+    fn upload_step(&self, st: &CudaStep, stream: &CudaStream) -> Result<()> {
+        let mut uploaded = lock(&st.uploaded);
+        let id = stream.cu_stream() as usize;
+        if *uploaded == Some(id) || st.meta.is_empty() {
+            return Ok(());
+        }
+        let dst = Self::ptr(&st.lease.ws.meta)?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver_err("context", e))?;
+        // SAFETY: the workspace holds at least meta.len() words; a copy from
+        // pageable memory has read the source when it returns.
+        unsafe { result::memcpy_htod_async(dst, &st.meta, stream.cu_stream()) }
+            .map_err(|e| driver_err("upload", e))?;
+        *uploaded = Some(id);
+        Ok(())
+    }
+
+    fn stream_of<'a>(enc: &'a Encoder<'_>) -> Result<&'a CudaStream> {
+        match enc {
+            Encoder::Cuda(s) => Ok(s),
+            other => Err(Error::InvalidConfig(format!(
+                "the CUDA backend records into Encoder::Cuda, not {other:?}"
+            ))),
+        }
+    }
+
+    /// The device pointer of `n` elements of `t`, checked.
+    fn tensor_ptr(t: &Tensor<'_>, what: &'static str, n: usize) -> Result<u64> {
+        t.check(what, n, 4)?;
+        Ok(Self::ptr(t.buffer)? + t.offset)
+    }
+}
+
+/// NVRTC's name of compute capability `major.minor`.
+fn arch_name(major: i32, minor: i32) -> Result<&'static str> {
+    const KNOWN: [&str; 10] = [
+        "sm_70", "sm_75", "sm_80", "sm_86", "sm_87", "sm_89", "sm_90", "sm_100", "sm_110", "sm_120",
+    ];
+    let name = format!("sm_{major}{minor}");
+    KNOWN.iter().find(|&&k| k == name).copied().ok_or_else(|| {
+        Error::Unsupported(format!(
+            "compute capability {major}.{minor}: kvq knows {KNOWN:?}"
+        ))
+    })
+}
+
+/// A pool's data, side and layout as kernel arguments.
+fn pool_ptrs(pool: &Pool) -> Result<(u64, u64)> {
+    Ok((CudaBackend::ptr(&pool.data)?, CudaBackend::ptr(&pool.side)?))
+}
+
+impl Backend for CudaBackend {
+    fn info(&self) -> &BackendInfo {
+        &self.info
+    }
+
+    fn alloc(&self, words: usize) -> Result<DeviceBuffer> {
+        let bytes = words.max(1).checked_mul(4).ok_or(Error::OutOfRange {
+            what: "words",
+            value: words,
+            limit: usize::MAX / 4,
+        })?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver_err("context", e))?;
+        // SAFETY: a plain allocation, zeroed before use.
+        let ptr = unsafe { result::malloc_sync(bytes) }
+            .map_err(|e| Error::OutOfMemory(format!("{bytes} bytes: {e:?}")))?;
+        let mem = Mem {
+            ptr,
+            owned: Some(self.ctx.clone()),
+        };
+        // SAFETY: the allocation is `bytes` long.
+        unsafe { result::memset_d8_sync(ptr, 0, bytes) }.map_err(|e| driver_err("memset", e))?;
+        self.created.fetch_add(1, Ordering::Relaxed);
+        Ok(DeviceBuffer::new(words, mem))
+    }
+
+    fn upload(&self, buf: &DeviceBuffer, offset: usize, data: &[u32]) -> Result<()> {
+        buf.check_range("upload end", offset, data.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let dst = Self::ptr(buf)? + offset as u64 * 4;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver_err("context", e))?;
+        // SAFETY: the range was checked; the stream is synchronised before return.
+        unsafe { result::memcpy_htod_async(dst, data, self.stream.cu_stream()) }
+            .map_err(|e| driver_err("upload", e))?;
+        self.synchronize()
+    }
+
+    fn download(&self, buf: &DeviceBuffer, offset: usize, len: usize) -> Result<Vec<u32>> {
+        buf.check_range("download end", offset, len)?;
+        let mut out = vec![0u32; len];
+        if len == 0 {
+            return Ok(out);
+        }
+        let src = Self::ptr(buf)? + offset as u64 * 4;
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver_err("context", e))?;
+        // SAFETY: the range was checked; the stream is synchronised before `out` is read.
+        unsafe { result::memcpy_dtoh_async(&mut out, src, self.stream.cu_stream()) }
+            .map_err(|e| driver_err("download", e))?;
+        self.synchronize()?;
+        Ok(out)
+    }
+
+    fn prepare(&self, step: &Step<'_>) -> Result<Prepared> {
+        step.check()?;
+        for l in [step.k, step.v] {
+            if l.head_dim > 256 {
+                return Err(Error::Unsupported(format!(
+                    "head_dim {} on CUDA: at most 256",
+                    l.head_dim
+                )));
+            }
+        }
+        let attention = match (step.params, step.seqs.is_empty()) {
+            (Some(params), false) => Some(self.partition(step, params)?),
+            _ => None,
+        };
+        let work = attention.as_ref().map_or(Vec::new(), |a| a.1.clone());
+        let mut meta = Vec::new();
+        let mut region = |words: &[u32]| {
+            // 16-word (64-byte) alignment for every region.
+            meta.resize(meta.len().next_multiple_of(16), 0);
+            let at = meta.len() as u64 * 4;
+            meta.extend_from_slice(words);
+            at
+        };
+        let slots = region(step.slots);
+        let work_at = region(&work);
+        let tables = region(step.tables);
+        let partial_words = attention.as_ref().map_or(0, |a| a.2);
+        let lease = self.lease(meta.len().max(1), partial_words.max(1))?;
+        let rows = (step.slots.len() * step.k.kv_heads)
+            .div_ceil(WG as usize)
+            .max(1) as u32;
+        let x = rows.min(65535);
+        Ok(Prepared::new(
+            step,
+            CudaStep {
+                lease,
+                meta,
+                uploaded: Mutex::new(None),
+                slots,
+                work: work_at,
+                tables,
+                append_grid: (x, rows.div_ceil(x), 1),
+                attention: attention.map(|a| a.0),
+            },
+        ))
+    }
+
+    fn record_append(
+        &self,
+        enc: &mut Encoder<'_>,
+        step: &Prepared,
+        pools: (&Pool, &Pool),
+        k: &Tensor<'_>,
+        v: &Tensor<'_>,
+    ) -> Result<()> {
+        let stream = Self::stream_of(enc)?;
+        let st = step.inner::<CudaStep>(NAME)?;
+        step.check_pools(pools)?;
+        let l = &pools.0.layout;
+        let n = step.tokens * l.kv_heads * l.head_dim;
+        let srcs = [Self::tensor_ptr(k, "k", n)?, Self::tensor_ptr(v, "v", n)?];
+        if step.tokens == 0 {
+            return Ok(());
+        }
+        self.upload_step(st, stream)?;
+        let slots = Self::ptr(&st.lease.ws.meta)? + st.slots;
+        let f = self.function(&KernelKey::plain(CudaKernel::Rows), "quantize_append")?;
+        for ((pool, src), t) in [pools.0, pools.1].into_iter().zip(srcs).zip([k, v]) {
+            let params = RowParams::new(step.tokens, &pool.layout, t.elem == Elem::F16);
+            let (data, side) = pool_ptrs(pool)?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&params).arg(&src).arg(&slots).arg(&data).arg(&side);
+            self.launch(stream, b, st.append_grid)?;
+        }
+        Ok(())
+    }
+
+    fn record_attention(
+        &self,
+        enc: &mut Encoder<'_>,
+        step: &Prepared,
+        pools: (&Pool, &Pool),
+        q: &Tensor<'_>,
+        out: &Tensor<'_>,
+    ) -> Result<()> {
+        let stream = Self::stream_of(enc)?;
+        let st = step.inner::<CudaStep>(NAME)?;
+        step.check_pools(pools)?;
+        let n = step.queries * step.q_heads * pools.0.layout.head_dim;
+        let (q_ptr, out_ptr) = (
+            Self::tensor_ptr(q, "q", n)?,
+            Self::tensor_ptr(out, "out", n)?,
+        );
+        let Some(a) = &st.attention else {
+            return Ok(());
+        };
+        self.upload_step(st, stream)?;
+        let meta = Self::ptr(&st.lease.ws.meta)?;
+        let (work, tables) = (meta + st.work, meta + st.tables);
+        let partial = Self::ptr(&st.lease.ws.partial)?;
+        let (kd, ks) = pool_ptrs(pools.0)?;
+        let (vd, vs) = pool_ptrs(pools.1)?;
+        let shape = AttnShape {
+            q_f16: (q.elem == Elem::F16) as u32,
+            ..a.shape
+        };
+        let f = self.function(&a.key, "attention")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&a.params)
+            .arg(&shape)
+            .arg(&q_ptr)
+            .arg(&work)
+            .arg(&tables);
+        b.arg(&kd).arg(&ks).arg(&vd).arg(&vs).arg(&partial);
+        self.launch(stream, b, a.grid)?;
+        let reduce = ReduceParams {
+            out_f16: (out.elem == Elem::F16) as u32,
+            ..a.reduce
+        };
+        let f = self.function(&KernelKey::plain(CudaKernel::Reduce), "attn_reduce")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&reduce).arg(&partial).arg(&out_ptr);
+        self.launch(stream, b, a.reduce_grid)
+    }
+
+    fn run(&self, record: &mut dyn FnMut(&mut Encoder<'_>) -> Result<()>) -> Result<()> {
+        record(&mut Encoder::Cuda(&self.stream))
+    }
+
+    fn dequantize(
+        &self,
+        pool: &Pool,
+        slots: &DeviceBuffer,
+        tokens: usize,
+        out: &DeviceBuffer,
+    ) -> Result<()> {
+        let l = &pool.layout;
+        l.check()?;
+        slots.check_range("dequantize slots", 0, tokens)?;
+        out.check_range("dequantize out", 0, tokens * l.kv_heads * l.head_dim)?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        let params = RowParams::new(tokens, l, false);
+        let (data, side) = pool_ptrs(pool)?;
+        let (slots, out) = (Self::ptr(slots)?, Self::ptr(out)?);
+        let rows = (tokens * l.kv_heads).div_ceil(WG as usize) as u32;
+        let x = rows.min(65535);
+        let f = self.function(&KernelKey::plain(CudaKernel::Rows), "dequantize")?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&params).arg(&slots).arg(&data).arg(&side).arg(&out);
+        self.launch(&self.stream, b, (x, rows.div_ceil(x), 1))?;
+        self.synchronize()
+    }
+
+    fn stream(&self, buf: &DeviceBuffer, words: usize) -> Result<()> {
+        buf.check_range("stream", 0, words)?;
+        let sink = self.stream_sink()?;
+        let (src, sink_ptr) = (Self::ptr(buf)?, Self::ptr(&sink)?);
+        let vectors = (words / 4) as u64;
+        let f = self.function(&KernelKey::plain(CudaKernel::Stream), "stream")?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&vectors).arg(&src).arg(&sink_ptr);
+        self.launch(&self.stream, b, ((self.sms * 16) as u32, 1, 1))?;
+        self.synchronize()
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| driver_err("synchronize", e))
+    }
+
+    fn creations(&self) -> u64 {
+        self.created.load(Ordering::Relaxed)
+    }
+
+    fn set_timing(&self, on: bool) -> bool {
+        *lock(&self.timing) = on.then(Vec::new);
+        on
+    }
+
+    fn take_device_time(&self) -> Result<Option<std::time::Duration>> {
+        let Some(list) = lock(&self.timing).as_mut().map(std::mem::take) else {
+            return Ok(None);
+        };
+        if list.is_empty() {
+            return Ok(None);
+        }
+        let mut ms = 0.0f64;
+        for (start, end) in &list {
+            end.synchronize().map_err(|e| driver_err("event", e))?;
+            ms += start.elapsed_ms(end).map_err(|e| driver_err("event", e))? as f64;
+        }
+        Ok(Some(std::time::Duration::from_secs_f64(ms / 1e3)))
+    }
+}
+
+impl CudaBackend {
+    /// The step's attention: kernel, parameters and grids, its work words, and the
+    /// words of its partials.
+    fn partition(
+        &self,
+        step: &Step<'_>,
+        params: crate::attn::Resolved,
+    ) -> Result<(Attention, Vec<u32>, usize)> {
+        let (kl, vl) = (step.k, step.v);
+        let work = Work::new(step, params);
+        let rows = work.qh * work.qb;
+        let shape = lane_shape(kl, vl, rows, LANE_FLOATS);
+        if shape.lanes > 32 {
+            return Err(Error::Unsupported(format!(
+                "head_dim {} on CUDA: a key's lanes must fit a warp",
+                kl.head_dim
+            )));
+        }
+        let target = self.sms * BLOCKS_PER_SM;
+        let (splits, split_len) =
+            work.split(target, TILE.max(shape.keys_per_step() as usize), 65535);
+        let d = kl.head_dim;
+        let out_rows = work.rows as u32;
+        let x = out_rows.clamp(1, 65535);
+        let attention = Attention {
+            key: KernelKey::attention(kl.dtype.tag(), vl.dtype.tag(), shape.dims, rows, shape.keys),
+            params: AttnParams(work.params_words(kl, splits, split_len)),
+            shape: AttnShape {
+                head_dim: d as u32,
+                k_group: kl.dtype.group().max(8),
+                v_group: vl.dtype.group().max(8),
+                qh: work.qh,
+                kt: shape.lanes,
+                rotate_q: kl.rotated as u32,
+                q_f16: 0,
+                norm: hadamard_norm(d),
+            },
+            grid: (work.head_blocks, splits as u32, work.items),
+            reduce: ReduceParams {
+                rows: out_rows,
+                splits: splits as u32,
+                head_dim: d as u32,
+                rotate_out: vl.rotated as u32,
+                norm: hadamard_norm(d),
+                out_f16: 0,
+                pad: [0; 2],
+            },
+            reduce_grid: (x, out_rows.div_ceil(x), 1),
+        };
+        let partial = work.partial_words(d, splits);
+        Ok((attention, work.words, partial))
+    }
+
+    /// One word per thread of the roofline kernel.
+    fn stream_sink(&self) -> Result<DeviceBuffer> {
+        self.alloc(self.sms * 16 * WG as usize)
+    }
 }

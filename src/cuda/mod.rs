@@ -10,4 +10,6 @@ pub use stub::*;
 #[cfg(feature = "cuda")]
 mod device;
 #[cfg(feature = "cuda")]
+pub mod kernels;
+#[cfg(feature = "cuda")]
 pub use device::*;

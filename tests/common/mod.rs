@@ -7,12 +7,35 @@ use kvq::backend::BackendKind;
 use kvq::cpu::CpuBackend;
 use kvq::{Backend, Preference};
 
-/// The CPU reference and, where an adapter exists, the wgpu backend. With `CI=true`
-/// a missing GPU adapter fails the test instead of leaving it CPU-only.
+/// The CPU reference and every GPU backend the machine has ([`gpus`]).
 pub fn backends() -> Vec<Arc<dyn Backend>> {
     let mut v: Vec<Arc<dyn Backend>> = vec![Arc::new(CpuBackend::new())];
-    v.extend(gpu());
+    v.extend(gpus());
     v
+}
+
+/// The wgpu backend on the best adapter (with `CI=true` a missing adapter fails the
+/// test), and the CUDA backend where there is one.
+pub fn gpus() -> Vec<Arc<dyn Backend>> {
+    gpu().into_iter().chain(cuda()).collect()
+}
+
+/// The CUDA backend, opened once per test binary, where kvq is built with the
+/// `cuda` feature and a device and NVRTC are found. With `KVQ_REQUIRE_CUDA=1` its
+/// absence fails the test.
+pub fn cuda() -> Option<Arc<dyn Backend>> {
+    static CUDA: OnceLock<Option<Arc<dyn Backend>>> = OnceLock::new();
+    CUDA.get_or_init(|| match kvq::select(&Preference::only(BackendKind::Cuda)) {
+        Ok(s) => {
+            eprintln!("CUDA backend: {}", s.reason);
+            Some(s.backend)
+        }
+        Err(e) if std::env::var("KVQ_REQUIRE_CUDA").is_ok_and(|v| v == "1") => {
+            panic!("KVQ_REQUIRE_CUDA=1 requires a CUDA device: {e}")
+        }
+        Err(_) => None,
+    })
+    .clone()
 }
 
 /// The GPU backend (wgpu), opened once per test binary.
@@ -32,6 +55,26 @@ pub fn gpu() -> Option<Arc<dyn Backend>> {
         }
     })
     .clone()
+}
+
+/// The CPU reference and wgpu and CUDA backends of the caller's own (not shared
+/// with other tests of the binary), where the machine has them: for tests that
+/// count what a backend creates or times.
+pub fn own_backends() -> Vec<Arc<dyn Backend>> {
+    let mut v: Vec<Arc<dyn Backend>> = vec![Arc::new(CpuBackend::new())];
+    if let Some(gpu) = gpu() {
+        v.push(Arc::new(
+            kvq::wgpu::WgpuBackend::open_named(&gpu.info().name).unwrap(),
+        ));
+    }
+    if cuda().is_some() {
+        v.push(
+            kvq::select(&Preference::only(BackendKind::Cuda))
+                .unwrap()
+                .backend,
+        );
+    }
+    v
 }
 
 /// Small deterministic generator (xorshift64*), so failures reproduce.

@@ -46,12 +46,13 @@ base(FILENAME) == "bench.jsonl" && /^\{/ {
     clock = jget($0, "clock")
     b = jget($0, "batch"); c = jget($0, "context")
     key[n] = b SUBSEP c
-    row[n] = sprintf("| %s | %s | %s / %s | %.1f | %.1f | %.1f | %.0f%% | %s |", b, c,
+    row[n] = sprintf("| %s | %s | %s | %s / %s | %.1f | %.1f | %.1f | %.0f%% | %s |", jget($0, "backend"), b, c,
         jget($0, "k_dtype"), jget($0, "v_dtype"), jget($0, "median_us"), jget($0, "gbps"),
         jget($0, "roofline_gbps"), 100 * jget($0, "gbps") / jget($0, "roofline_gbps"),
         jget($0, "vs_f16") == "null" ? "-" : sprintf("%.2fx", jget($0, "vs_f16")))
     us[n] = jget($0, "median_us")
-    if (!adapter) adapter = jget($0, "backend") " " jget($0, "adapter")
+    a = jget($0, "backend") " " jget($0, "adapter")
+    if (index(adapters, a) == 0) adapters = adapters (adapters ? "; " : "") a
     next
 }
 base(FILENAME) == "peer.jsonl" && /"peer":"copy"/ { copy = jget($0, "gbps"); next }
@@ -84,15 +85,15 @@ END {
     print "| --- | --- | --- | --- |"
     printf "%s", tests
     print ""
-    print "## Decode attention: 32 q / 8 kv heads, D 128 (" adapter ")"
+    print "## Decode attention: 32 q / 8 kv heads, D 128 (" adapters ")"
     print ""
     print "µs: median " (clock == "device" ? "device time of the kernels (timestamp queries)" : "wall time from submit to completion") "; GB/s: K+V bytes read over it;"
     print "roofline: kvq's streaming read of as many bytes in the same rounds; vs f16: median"
     print "of each round's ratio to F16. SDPA: PyTorch's f16 scaled_dot_product_attention on"
     print "the same shapes, fastest backend, timed over CUDA graphs of ten calls, K/V copies rotated past L2."
     print ""
-    print "| batch | context | K / V | µs | GB/s | roofline GB/s | roofline % | vs f16 | SDPA f16 µs | µs / SDPA |"
-    print "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    print "| backend | batch | context | K / V | µs | GB/s | roofline GB/s | roofline % | vs f16 | SDPA f16 µs | µs / SDPA |"
+    print "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     for (i = 1; i <= n; i++) {
         if (key[i] in sdpa)
             printf "%s %.1f (%s) | %.2fx |\n", row[i], sdpa[key[i]], sdpa_name[key[i]], us[i] / sdpa[key[i]]
