@@ -161,7 +161,7 @@ fn softmax_step(w: Work, t0: u32, z: u32) {
             if (P.softcap > 0.0) {
                 s = P.softcap * tanh(s / P.softcap);
             }
-            let seen = t < w.end && t <= pos[r] && (P.window == 0u || t + P.window > pos[r]);
+            let seen = t < w.end && t <= pos[r] && (P.window == 0u || pos[r] - t < P.window);
             s = select(-3.0e38, s, seen);
             sc[j * ROWS + r] = s;
             mx = max(mx, s);

@@ -294,10 +294,11 @@ fn write_row(r: u32, w: Work, lane: u32, m: f32, l: f32) {
 }
 
 // Which of four rows (query positions pos) see key t of a split ending at end:
-// causal, and within the sliding window.
+// causal, and within the sliding window (pos - t, not t + window, which wraps for
+// windows near 2^32; where t > pos it wraps too, but causality already says no).
 fn visible(t: u32, end: u32, pos: vec4<u32>) -> vec4<bool> {
     let causal = vec4<u32>(t) <= pos;
-    let in_window = vec4<bool>(P.window == 0u) | (vec4<u32>(t + P.window) > pos);
+    let in_window = vec4<bool>(P.window == 0u) | (pos - vec4<u32>(t) < vec4<u32>(P.window));
     return causal & in_window & vec4<bool>(t < end);
 }
 

@@ -268,7 +268,7 @@ attention(AttnParams P, AttnShape S, const u32* q, const u32* work, const u32* t
                 if (P.softcap > 0.0f) {
                     s = P.softcap * tanhf(s / P.softcap);
                 }
-                bool seen = t < w.end && t <= pos[r] && (P.window == 0 || t + P.window > pos[r]);
+                bool seen = t < w.end && t <= pos[r] && (P.window == 0 || pos[r] - t < P.window);
                 s = seen ? s : NEG;
                 sc[j * ROWS + r] = s;
                 mx = fmaxf(mx, s);

@@ -17,8 +17,8 @@ pub const WG: u32 = 64;
 /// output rows, by default and at most (the kernels' register arrays; see
 /// [`lane_shape`]).
 pub const LANE_FLOATS: u32 = 64;
-/// Fewest keys worth a split of their own: its setup (q staging, slot merge,
-/// partial write and reduce) is amortised over at least this many.
+/// Fewest keys worth a split of their own on a wgpu adapter: its setup (q staging,
+/// slot merge, partial write and reduce) is amortised over at least this many.
 pub const MIN_SPLIT: usize = 256;
 
 /// How a GPU attention kernel lays a K or V row over the lanes of a slot.
@@ -149,14 +149,20 @@ impl Work {
 
     /// Splits of the longest sequence's keys, (splits, keys per split): for decode,
     /// enough for `target` workgroups, each split a whole number of `tile`s and at
-    /// least [`MIN_SPLIT`] keys, at most `max_splits`; prefill does not split.
-    pub fn split(&self, target: usize, tile: usize, max_splits: usize) -> (usize, usize) {
+    /// least `min_split` keys, at most `max_splits`; prefill does not split.
+    pub fn split(
+        &self,
+        target: usize,
+        tile: usize,
+        min_split: usize,
+        max_splits: usize,
+    ) -> (usize, usize) {
         let tiles = self.max_kv_len.div_ceil(tile).max(1);
         if !self.decode {
             return (1, tiles * tile);
         }
         let groups = (self.items as usize * self.head_blocks as usize).max(1);
-        let min_tiles = MIN_SPLIT.div_ceil(tile);
+        let min_tiles = min_split.div_ceil(tile).max(1);
         let splits = target
             .div_ceil(groups)
             .clamp(1, tiles.div_ceil(min_tiles).clamp(1, max_splits.max(1)));

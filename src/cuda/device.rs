@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -24,8 +24,16 @@ use crate::quant::hadamard_norm;
 use crate::{Error, Result};
 
 const NAME: &str = "cuda";
-/// Workgroups a decode call aims for per multiprocessor.
+/// Blocks a decode call aims for per multiprocessor: two waves of the four that
+/// fit at attention.cu's register use (157–255 registers a thread, ptxas sm_90).
 const BLOCKS_PER_SM: usize = 8;
+/// Fewest keys in a split on CUDA: one tile (a split's setup is small next to the
+/// parallelism a batch-1 decode needs on a GPU of 100+ SMs).
+const MIN_SPLIT: usize = TILE;
+/// The largest grid y or z dimension CUDA launches.
+const MAX_GRID: u32 = 65535;
+/// Blocks of the roofline kernel per multiprocessor.
+const STREAM_BLOCKS_PER_SM: usize = 32;
 
 fn driver_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Device(format!("CUDA {what}: {e:?}"))
@@ -63,6 +71,42 @@ fn rejected(reason: String) -> Candidate {
     }
 }
 
+/// The driver's CUDA version, as 1000 * major + 10 * minor.
+fn driver_version() -> Result<i32> {
+    let mut v = 0;
+    // SAFETY: writes one int.
+    unsafe { sys::cuDriverGetVersion(&mut v) }
+        .result()
+        .map_err(|e| driver_err("driver version", e))?;
+    Ok(v)
+}
+
+/// NVRTC's major version, where it loads.
+fn nvrtc_major() -> Option<i32> {
+    if !super::kernels::nvrtc_present() {
+        return None;
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: writes two ints; the library is present.
+    let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    (r == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS).then_some(major)
+}
+
+/// Why this machine's NVRTC cannot serve its driver, if it cannot: missing, or
+/// making PTX of a newer CUDA than the driver loads.
+fn nvrtc_unusable() -> Option<String> {
+    let Some(nvrtc) = nvrtc_major() else {
+        return Some(nvrtc_missing());
+    };
+    let driver = driver_version().ok()? / 1000;
+    (nvrtc > driver).then(|| {
+        format!(
+            "NVRTC {nvrtc} makes PTX the CUDA {driver} driver cannot load: put NVRTC {driver} \
+             (pip install nvidia-cuda-nvrtc-cu{driver}) first on LD_LIBRARY_PATH"
+        )
+    })
+}
+
 fn list() -> Vec<Candidate> {
     // SAFETY: probing loads the library or fails; it calls nothing in it.
     if !unsafe { sys::is_culib_present() } {
@@ -77,18 +121,17 @@ fn list() -> Vec<Candidate> {
         Ok(n) => n.max(0) as usize,
         Err(e) => return vec![rejected(format!("rejected: no CUDA device count: {e:?}"))],
     };
-    // SAFETY: as above.
-    let nvrtc = unsafe { cudarc::nvrtc::sys::is_culib_present() };
+    let nvrtc = nvrtc_unusable();
     (0..count)
         .map(|i| match describe(i) {
             Ok(info) => Candidate {
+                reason: match (&nvrtc, device_arch(i)) {
+                    (Some(why), _) => format!("rejected: {why}"),
+                    (None, Err(e)) => format!("rejected: {e}"),
+                    (None, Ok(_)) => String::new(),
+                },
                 info,
                 rank: None,
-                reason: if nvrtc {
-                    String::new()
-                } else {
-                    format!("rejected: {}", nvrtc_missing())
-                },
                 opener: Opener::Cuda(i),
             },
             Err(e) => rejected(format!("rejected: CUDA device {i}: {e}")),
@@ -132,15 +175,16 @@ pub fn describe(ordinal: usize) -> Result<BackendInfo> {
     let minor = attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
     let sms = attribute(dev, A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
     let shared = attribute(dev, A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK)?;
-    let mut driver = 0;
-    // SAFETY: writes one int.
-    unsafe { sys::cuDriverGetVersion(&mut driver) }
-        .result()
-        .map_err(|e| driver_err("driver version", e))?;
+    let integrated = attribute(dev, A::CU_DEVICE_ATTRIBUTE_INTEGRATED)? != 0;
+    let driver = driver_version()?;
     Ok(BackendInfo {
         kind: BackendKind::Cuda,
         name,
-        device_type: DeviceType::Discrete,
+        device_type: if integrated {
+            DeviceType::Integrated
+        } else {
+            DeviceType::Discrete
+        },
         api: "CUDA".into(),
         driver: format!(
             "CUDA {}.{}, compute capability {major}.{minor}, {sms} SMs",
@@ -192,7 +236,12 @@ pub struct CudaBackend {
     info: BackendInfo,
     arch: &'static str,
     sms: usize,
+    /// The driver's CUDA version (1000 * major + 10 * minor).
+    driver: i32,
+    modules: Mutex<HashMap<KernelKey, Arc<cudarc::driver::CudaModule>>>,
     functions: Mutex<HashMap<(KernelKey, &'static str), CudaFunction>>,
+    /// One word per thread of the roofline kernel.
+    sink: OnceLock<DeviceBuffer>,
     workspaces: Arc<Mutex<Vec<Workspace>>>,
     created: AtomicU64,
     /// Events around every launch, while timing is on.
@@ -327,10 +376,10 @@ impl CudaBackend {
     /// Opens CUDA device `ordinal` on a stream of kvq's own.
     pub fn new(ordinal: usize) -> Result<Self> {
         let info = describe(ordinal)?;
-        // SAFETY: probing loads the library or fails.
-        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-            return Err(Error::Unsupported(nvrtc_missing()));
+        if let Some(why) = nvrtc_unusable() {
+            return Err(Error::Unsupported(why));
         }
+        let arch = device_arch(ordinal)?;
         let ctx = CudaContext::new(ordinal).map_err(|e| driver_err("context", e))?;
         // Raw pointers and one stream per call: kvq orders its own work.
         // SAFETY: no CudaSlice is shared between streams by kvq.
@@ -338,16 +387,17 @@ impl CudaBackend {
         let stream = ctx.new_stream().map_err(|e| driver_err("stream", e))?;
         let dev = result::device::get(ordinal as i32).map_err(|e| driver_err("device", e))?;
         use sys::CUdevice_attribute as A;
-        let major = attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
-        let minor = attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
         let sms = attribute(dev, A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as usize;
         Ok(CudaBackend {
             ctx,
             stream,
             info,
-            arch: arch_name(major, minor)?,
+            arch,
             sms,
+            driver: driver_version()?,
+            modules: Mutex::default(),
             functions: Mutex::default(),
+            sink: OnceLock::new(),
             workspaces: Arc::default(),
             created: AtomicU64::new(0),
             timing: Mutex::new(None),
@@ -375,22 +425,29 @@ impl CudaBackend {
         Ok(buf.downcast::<Mem>(NAME)?.ptr)
     }
 
-    /// The function `entry` of `key`, compiled and loaded on first use.
+    /// The function `entry` of `key`, its module compiled (outside the locks) and
+    /// loaded on first use.
     fn function(&self, key: &KernelKey, entry: &'static str) -> Result<CudaFunction> {
-        let mut functions = lock(&self.functions);
-        if let Some(f) = functions.get(&(key.clone(), entry)) {
+        if let Some(f) = lock(&self.functions).get(&(key.clone(), entry)) {
             return Ok(f.clone());
         }
-        let ptx = compile(key, self.arch)?;
-        self.created.fetch_add(1, Ordering::Relaxed);
-        let module = self
-            .ctx
-            .load_module(ptx)
-            .map_err(|e| driver_err("module", e))?;
+        let loaded = lock(&self.modules).get(key).cloned();
+        let module = match loaded {
+            Some(m) => m,
+            None => {
+                let ptx = compile(key, self.arch)?;
+                self.created.fetch_add(1, Ordering::Relaxed);
+                let m = self
+                    .ctx
+                    .load_module(ptx)
+                    .map_err(|e| driver_err("module", e))?;
+                lock(&self.modules).entry(key.clone()).or_insert(m).clone()
+            }
+        };
         let f = module
             .load_function(entry)
             .map_err(|e| driver_err(entry, e))?;
-        functions.insert((key.clone(), entry), f.clone());
+        lock(&self.functions).insert((key.clone(), entry), f.clone());
         Ok(f)
     }
 
@@ -484,9 +541,13 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn stream_of<'a>(enc: &'a Encoder<'_>) -> Result<&'a CudaStream> {
+    /// The stream of `enc`, which must belong to this backend's context.
+    fn stream_of<'a>(&self, enc: &'a Encoder<'_>) -> Result<&'a CudaStream> {
         match enc {
-            Encoder::Cuda(s) => Ok(s),
+            Encoder::Cuda(s) if Arc::ptr_eq(s.context(), &self.ctx) => Ok(s),
+            Encoder::Cuda(_) => Err(Error::InvalidConfig(
+                "the stream belongs to another CUDA context than the backend's".into(),
+            )),
             other => Err(Error::InvalidConfig(format!(
                 "the CUDA backend records into Encoder::Cuda, not {other:?}"
             ))),
@@ -500,17 +561,49 @@ impl CudaBackend {
     }
 }
 
-/// NVRTC's name of compute capability `major.minor`.
-fn arch_name(major: i32, minor: i32) -> Result<&'static str> {
-    const KNOWN: [&str; 10] = [
-        "sm_70", "sm_75", "sm_80", "sm_86", "sm_87", "sm_89", "sm_90", "sm_100", "sm_110", "sm_120",
+/// NVRTC's name of device `ordinal`'s architecture, among those kvq compiles for.
+fn device_arch(ordinal: usize) -> Result<&'static str> {
+    use sys::CUdevice_attribute as A;
+    const KNOWN: [&str; 13] = [
+        "sm_72", "sm_75", "sm_80", "sm_86", "sm_87", "sm_89", "sm_90", "sm_100", "sm_101",
+        "sm_103", "sm_110", "sm_120", "sm_121",
     ];
+    let dev = result::device::get(ordinal as i32).map_err(|e| driver_err("device", e))?;
+    let major = attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+    let minor = attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
     let name = format!("sm_{major}{minor}");
     KNOWN.iter().find(|&&k| k == name).copied().ok_or_else(|| {
         Error::Unsupported(format!(
-            "compute capability {major}.{minor}: kvq knows {KNOWN:?}"
+            "compute capability {major}.{minor}: kvq compiles for {KNOWN:?}"
         ))
     })
+}
+
+/// The per-row and attention kernels hold a head vector in 256 registers or words.
+fn check_head_dim(l: &PoolLayout) -> Result<()> {
+    if l.head_dim > 256 {
+        return Err(Error::Unsupported(format!(
+            "head_dim {} on CUDA: at most 256",
+            l.head_dim
+        )));
+    }
+    Ok(())
+}
+
+/// The grid of the per-row kernels: one thread per (token, kv head), folded into 2-D.
+fn rows_grid(tokens: usize, kv_heads: usize) -> Result<(u32, u32, u32)> {
+    let max = MAX_GRID as usize;
+    let blocks = tokens
+        .checked_mul(kv_heads)
+        .map(|rows| rows.div_ceil(WG as usize).max(1))
+        .filter(|&b| b <= max * max)
+        .ok_or(Error::OutOfRange {
+            what: "tokens * kv_heads",
+            value: tokens.saturating_mul(kv_heads),
+            limit: max * max * WG as usize,
+        })?;
+    let x = blocks.min(max);
+    Ok((x as u32, blocks.div_ceil(x) as u32, 1))
 }
 
 /// A pool's data, side and layout as kernel arguments.
@@ -539,8 +632,12 @@ impl Backend for CudaBackend {
             ptr,
             owned: Some(self.ctx.clone()),
         };
+        // Zeroed on kvq's stream and waited for, so that no later work on any
+        // stream (kvq's or an application's) overtakes it.
         // SAFETY: the allocation is `bytes` long.
-        unsafe { result::memset_d8_sync(ptr, 0, bytes) }.map_err(|e| driver_err("memset", e))?;
+        unsafe { result::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }
+            .map_err(|e| driver_err("memset", e))?;
+        self.synchronize()?;
         self.created.fetch_add(1, Ordering::Relaxed);
         Ok(DeviceBuffer::new(words, mem))
     }
@@ -579,14 +676,7 @@ impl Backend for CudaBackend {
 
     fn prepare(&self, step: &Step<'_>) -> Result<Prepared> {
         step.check()?;
-        for l in [step.k, step.v] {
-            if l.head_dim > 256 {
-                return Err(Error::Unsupported(format!(
-                    "head_dim {} on CUDA: at most 256",
-                    l.head_dim
-                )));
-            }
-        }
+        check_head_dim(step.k)?;
         let attention = match (step.params, step.seqs.is_empty()) {
             (Some(params), false) => Some(self.partition(step, params)?),
             _ => None,
@@ -604,11 +694,8 @@ impl Backend for CudaBackend {
         let work_at = region(&work);
         let tables = region(step.tables);
         let partial_words = attention.as_ref().map_or(0, |a| a.2);
+        let append_grid = rows_grid(step.slots.len(), step.k.kv_heads)?;
         let lease = self.lease(meta.len().max(1), partial_words.max(1))?;
-        let rows = (step.slots.len() * step.k.kv_heads)
-            .div_ceil(WG as usize)
-            .max(1) as u32;
-        let x = rows.min(65535);
         Ok(Prepared::new(
             step,
             CudaStep {
@@ -618,7 +705,7 @@ impl Backend for CudaBackend {
                 slots,
                 work: work_at,
                 tables,
-                append_grid: (x, rows.div_ceil(x), 1),
+                append_grid,
                 attention: attention.map(|a| a.0),
             },
         ))
@@ -632,7 +719,7 @@ impl Backend for CudaBackend {
         k: &Tensor<'_>,
         v: &Tensor<'_>,
     ) -> Result<()> {
-        let stream = Self::stream_of(enc)?;
+        let stream = self.stream_of(enc)?;
         let st = step.inner::<CudaStep>(NAME)?;
         step.check_pools(pools)?;
         let l = &pools.0.layout;
@@ -662,7 +749,7 @@ impl Backend for CudaBackend {
         q: &Tensor<'_>,
         out: &Tensor<'_>,
     ) -> Result<()> {
-        let stream = Self::stream_of(enc)?;
+        let stream = self.stream_of(enc)?;
         let st = step.inner::<CudaStep>(NAME)?;
         step.check_pools(pools)?;
         let n = step.queries * step.q_heads * pools.0.layout.head_dim;
@@ -684,14 +771,21 @@ impl Backend for CudaBackend {
             ..a.shape
         };
         let f = self.function(&a.key, "attention")?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&a.params)
-            .arg(&shape)
-            .arg(&q_ptr)
-            .arg(&work)
-            .arg(&tables);
-        b.arg(&kd).arg(&ks).arg(&vd).arg(&vs).arg(&partial);
-        self.launch(stream, b, a.grid)?;
+        // Grid z (work items) in chunks within CUDA's limit; each chunk's items
+        // start further into the work records.
+        let (x, y, items) = a.grid;
+        for first in (0..items).step_by(MAX_GRID as usize) {
+            let mut params = a.params;
+            params.0[7] += 2 * first;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&params)
+                .arg(&shape)
+                .arg(&q_ptr)
+                .arg(&work)
+                .arg(&tables);
+            b.arg(&kd).arg(&ks).arg(&vd).arg(&vs).arg(&partial);
+            self.launch(stream, b, (x, y, (items - first).min(MAX_GRID)))?;
+        }
         let reduce = ReduceParams {
             out_f16: (out.elem == Elem::F16) as u32,
             ..a.reduce
@@ -715,6 +809,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let l = &pool.layout;
         l.check()?;
+        check_head_dim(l)?;
         slots.check_range("dequantize slots", 0, tokens)?;
         out.check_range("dequantize out", 0, tokens * l.kv_heads * l.head_dim)?;
         if tokens == 0 {
@@ -723,24 +818,30 @@ impl Backend for CudaBackend {
         let params = RowParams::new(tokens, l, false);
         let (data, side) = pool_ptrs(pool)?;
         let (slots, out) = (Self::ptr(slots)?, Self::ptr(out)?);
-        let rows = (tokens * l.kv_heads).div_ceil(WG as usize) as u32;
-        let x = rows.min(65535);
+        let grid = rows_grid(tokens, l.kv_heads)?;
         let f = self.function(&KernelKey::plain(CudaKernel::Rows), "dequantize")?;
         let mut b = self.stream.launch_builder(&f);
         b.arg(&params).arg(&slots).arg(&data).arg(&side).arg(&out);
-        self.launch(&self.stream, b, (x, rows.div_ceil(x), 1))?;
+        self.launch(&self.stream, b, grid)?;
         self.synchronize()
     }
 
     fn stream(&self, buf: &DeviceBuffer, words: usize) -> Result<()> {
         buf.check_range("stream", 0, words)?;
-        let sink = self.stream_sink()?;
-        let (src, sink_ptr) = (Self::ptr(buf)?, Self::ptr(&sink)?);
+        let blocks = self.sms * STREAM_BLOCKS_PER_SM;
+        let sink = match self.sink.get() {
+            Some(s) => s,
+            None => {
+                let s = self.alloc(blocks * WG as usize)?;
+                self.sink.get_or_init(|| s)
+            }
+        };
+        let (src, sink_ptr) = (Self::ptr(buf)?, Self::ptr(sink)?);
         let vectors = (words / 4) as u64;
         let f = self.function(&KernelKey::plain(CudaKernel::Stream), "stream")?;
         let mut b = self.stream.launch_builder(&f);
         b.arg(&vectors).arg(&src).arg(&sink_ptr);
-        self.launch(&self.stream, b, ((self.sms * 16) as u32, 1, 1))?;
+        self.launch(&self.stream, b, (blocks as u32, 1, 1))?;
         self.synchronize()
     }
 
@@ -755,6 +856,8 @@ impl Backend for CudaBackend {
     }
 
     fn set_timing(&self, on: bool) -> bool {
+        // Event times come from cuEventElapsedTime_v2, which drivers before 12.8 lack.
+        let on = on && self.driver >= 12080;
         *lock(&self.timing) = on.then(Vec::new);
         on
     }
@@ -794,11 +897,11 @@ impl CudaBackend {
             )));
         }
         let target = self.sms * BLOCKS_PER_SM;
-        let (splits, split_len) =
-            work.split(target, TILE.max(shape.keys_per_step() as usize), 65535);
+        let tile = TILE.max(shape.keys_per_step() as usize);
+        let (splits, split_len) = work.split(target, tile, MIN_SPLIT, MAX_GRID as usize);
         let d = kl.head_dim;
         let out_rows = work.rows as u32;
-        let x = out_rows.clamp(1, 65535);
+        let x = out_rows.clamp(1, MAX_GRID);
         let attention = Attention {
             key: KernelKey::attention(kl.dtype.tag(), vl.dtype.tag(), shape.dims, rows, shape.keys),
             params: AttnParams(work.params_words(kl, splits, split_len)),
@@ -826,10 +929,5 @@ impl CudaBackend {
         };
         let partial = work.partial_words(d, splits);
         Ok((attention, work.words, partial))
-    }
-
-    /// One word per thread of the roofline kernel.
-    fn stream_sink(&self) -> Result<DeviceBuffer> {
-        self.alloc(self.sms * 16 * WG as usize)
     }
 }

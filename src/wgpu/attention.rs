@@ -5,7 +5,7 @@
 
 use super::WgpuBackend;
 use super::pipelines::PipelineKey;
-use crate::attn::work::{TILE, Work, lane_shape};
+use crate::attn::work::{MIN_SPLIT, TILE, Work, lane_shape};
 use crate::backend::{Backend, DeviceType, Step};
 use crate::cache::PoolLayout;
 use crate::{Error, Result};
@@ -97,7 +97,12 @@ pub fn partition(b: &WgpuBackend, step: &Step<'_>) -> Result<Partition> {
         }
         _ => GPU_WORKGROUPS,
     };
-    let (splits, split_len) = work.split(target, TILE.max(step_keys as usize), max as usize);
+    let (splits, split_len) = work.split(
+        target,
+        TILE.max(step_keys as usize),
+        MIN_SPLIT,
+        max as usize,
+    );
     let grid = [work.head_blocks, splits as u32, work.items];
     if let Some(&g) = grid.iter().find(|&&g| g > max) {
         return Err(Error::DeviceLimit {
