@@ -19,8 +19,11 @@ struct RowParams {
     u32 pad1;
 };
 
-// The pool row of thread r, or none.
-__device__ __forceinline__ bool row_of(const RowParams& P, const u32* slots, u32 r, u32* row) {
+// This thread's (token, kv head) r, in a grid folded into 2-D, and its pool row;
+// false where it has none.
+__device__ __forceinline__ bool row_of(const RowParams& P, const u32* slots, u32* rr, u32* row) {
+    u32 r = blockIdx.y * gridDim.x * blockDim.x + blockIdx.x * blockDim.x + threadIdx.x;
+    *rr = r;
     if (r >= P.tokens * P.kv_heads) {
         return false;
     }
@@ -34,9 +37,8 @@ __device__ __forceinline__ bool row_of(const RowParams& P, const u32* slots, u32
 
 extern "C" __global__ void quantize_append(RowParams P, const u32* src, const u32* slots,
                                            u32* data, u32* side) {
-    u32 r = blockIdx.y * gridDim.x * blockDim.x + blockIdx.x * blockDim.x + threadIdx.x;
-    u32 row;
-    if (!row_of(P, slots, r, &row)) {
+    u32 r, row;
+    if (!row_of(P, slots, &r, &row)) {
         return;
     }
     const u32 d = P.head_dim;
@@ -98,9 +100,8 @@ extern "C" __global__ void quantize_append(RowParams P, const u32* src, const u3
 
 extern "C" __global__ void dequantize(RowParams P, const u32* slots, const u32* data,
                                       const u32* side, float* dst) {
-    u32 r = blockIdx.y * gridDim.x * blockDim.x + blockIdx.x * blockDim.x + threadIdx.x;
-    u32 row;
-    if (!row_of(P, slots, r, &row)) {
+    u32 r, row;
+    if (!row_of(P, slots, &r, &row)) {
         return;
     }
     const u32 d = P.head_dim;

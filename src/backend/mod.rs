@@ -109,6 +109,29 @@ pub struct Pool {
     pub side: DeviceBuffer,
 }
 
+impl Pool {
+    /// Checks the arguments of [`Backend::dequantize`]: the layout, `tokens` slots
+    /// in `slots`, and room for `[tokens, kv_heads, head_dim]` f32 in `out`.
+    pub fn check_dequantize(
+        &self,
+        slots: &DeviceBuffer,
+        tokens: usize,
+        out: &DeviceBuffer,
+    ) -> Result<()> {
+        let l = &self.layout;
+        l.check()?;
+        slots.check_range("dequantize slots", 0, tokens)?;
+        let values = tokens
+            .checked_mul(l.kv_heads * l.head_dim)
+            .ok_or(Error::OutOfRange {
+                what: "dequantize tokens",
+                value: tokens,
+                limit: usize::MAX / (l.kv_heads * l.head_dim).max(1),
+            })?;
+        out.check_range("dequantize out", 0, values)
+    }
+}
+
 /// A device that stores quantized KV pools and runs kvq's kernels on them.
 ///
 /// Object safe: use it as `Arc<dyn Backend>`. All device data lives in

@@ -12,11 +12,9 @@ pub fn dequantize(
     tokens: usize,
     out: &DeviceBuffer,
 ) -> Result<()> {
+    pool.check_dequantize(slots, tokens, out)?;
     let l = &pool.layout;
     let row_len = l.kv_heads * l.head_dim;
-    l.check()?;
-    slots.check_range("dequantize slots", 0, tokens)?;
-    out.check_range("dequantize out", 0, tokens * row_len)?;
     let slots = read(slots)?[..tokens].to_vec();
     let cap = l.num_blocks * l.block_size;
     if let Some(&s) = slots.iter().find(|&&s| s as usize >= cap) {

@@ -807,11 +807,9 @@ impl Backend for CudaBackend {
         tokens: usize,
         out: &DeviceBuffer,
     ) -> Result<()> {
+        pool.check_dequantize(slots, tokens, out)?;
         let l = &pool.layout;
-        l.check()?;
         check_head_dim(l)?;
-        slots.check_range("dequantize slots", 0, tokens)?;
-        out.check_range("dequantize out", 0, tokens * l.kv_heads * l.head_dim)?;
         if tokens == 0 {
             return Ok(());
         }

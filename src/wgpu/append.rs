@@ -15,10 +15,9 @@ pub fn dequantize(
     tokens: usize,
     out: &DeviceBuffer,
 ) -> Result<()> {
+    pool.check_dequantize(slots, tokens, out)?;
     let l = &pool.layout;
     check_rotation(l)?;
-    slots.check_range("dequantize slots", 0, tokens)?;
-    out.check_range("dequantize out", 0, tokens * l.kv_heads * l.head_dim)?;
     if tokens == 0 {
         return Ok(());
     }
