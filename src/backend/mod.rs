@@ -1,6 +1,7 @@
 //! The `Backend` trait every device implements, what it reports, and selection.
 
 mod buffer;
+pub(crate) mod lease;
 mod record;
 mod select;
 
@@ -160,7 +161,7 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn prepare(&self, step: &Step<'_>) -> Result<Prepared>;
 
     /// Records quantize-append of the step's new tokens, `k` and `v`
-    /// (`[tokens, kv_heads, head_dim]`), into the pools `k_pool` and `v_pool`.
+    /// (`[tokens, kv_heads, head_dim]`), into `pools` (K, V).
     /// Checks everything it can before recording anything.
     fn record_append(
         &self,

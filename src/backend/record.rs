@@ -148,7 +148,39 @@ pub struct Step<'a> {
     pub decode: bool,
 }
 
+/// A step's records in one array, each region (offset, bytes) at a multiple of the
+/// alignment it was laid out with: the append slots, the attention kernel's work
+/// records, the block tables.
+#[derive(Debug, Clone)]
+pub(crate) struct Records {
+    pub(crate) words: Vec<u32>,
+    pub(crate) slots: (u64, u64),
+    pub(crate) work: (u64, u64),
+    pub(crate) tables: (u64, u64),
+}
+
 impl Step<'_> {
+    /// The step's slots, `work` and tables in one array, each region starting at a
+    /// multiple of `align` bytes (a storage binding's offset alignment, say).
+    pub(crate) fn records(&self, work: &[u32], align: u64) -> Records {
+        let mut words = Vec::new();
+        let mut region = |part: &[u32]| {
+            let offset = (words.len() as u64 * 4).next_multiple_of(align.max(4));
+            words.resize(offset as usize / 4, 0);
+            words.extend_from_slice(part);
+            (offset, part.len() as u64 * 4)
+        };
+        let slots = region(self.slots);
+        let work = region(work);
+        let tables = region(self.tables);
+        Records {
+            words,
+            slots,
+            work,
+            tables,
+        }
+    }
+
     /// Total queries.
     pub fn queries(&self) -> usize {
         self.seqs.iter().map(|s| s.q_len as usize).sum()

@@ -15,6 +15,7 @@ use cudarc::driver::{result, sys};
 
 use super::kernels::{CudaKernel, KernelKey, compile, nvrtc_missing};
 use crate::attn::work::{LANE_FLOATS, TILE, WG, Work, lane_shape};
+use crate::backend::lease::{FreeList, Lease, grown};
 use crate::backend::{
     Backend, BackendInfo, BackendKind, Candidate, DeviceBuffer, DeviceLimits, DeviceType, Elem,
     Encoder, Opener, Pool, Prepared, Step, Tensor,
@@ -32,6 +33,8 @@ const BLOCKS_PER_SM: usize = 8;
 const MIN_SPLIT: usize = TILE;
 /// The largest grid y or z dimension CUDA launches.
 const MAX_GRID: u32 = 65535;
+/// Smallest workspace buffer, in words (64 KiB).
+const MIN_WORKSPACE_WORDS: u64 = 16 << 10;
 /// Blocks of the roofline kernel per multiprocessor.
 const STREAM_BLOCKS_PER_SM: usize = 32;
 
@@ -242,7 +245,7 @@ pub struct CudaBackend {
     functions: Mutex<HashMap<(KernelKey, &'static str), CudaFunction>>,
     /// One word per thread of the roofline kernel.
     sink: OnceLock<DeviceBuffer>,
-    workspaces: Arc<Mutex<Vec<Workspace>>>,
+    workspaces: FreeList<Workspace>,
     created: AtomicU64,
     /// Events around every launch, while timing is on.
     timing: Mutex<Option<Vec<(CudaEvent, CudaEvent)>>>,
@@ -255,19 +258,6 @@ struct Workspace {
     partial: Arc<DeviceBuffer>,
 }
 
-/// A workspace lent to a step, back to the free list when the step is dropped.
-#[derive(Debug)]
-struct Lease {
-    ws: Workspace,
-    home: Arc<Mutex<Vec<Workspace>>>,
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        lock(&self.home).push(self.ws.clone());
-    }
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -277,7 +267,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// which may still read the workspace), and the partition.
 #[derive(Debug)]
 struct CudaStep {
-    lease: Lease,
+    lease: Lease<Workspace>,
     meta: Vec<u32>,
     uploaded: Mutex<Option<usize>>,
     slots: u64,
@@ -398,7 +388,7 @@ impl CudaBackend {
             modules: Mutex::default(),
             functions: Mutex::default(),
             sink: OnceLock::new(),
-            workspaces: Arc::default(),
+            workspaces: FreeList::default(),
             created: AtomicU64::new(0),
             timing: Mutex::new(None),
         })
@@ -489,36 +479,27 @@ impl CudaBackend {
         Ok(e)
     }
 
-    fn lease(&self, meta_words: usize, partial_words: usize) -> Result<Lease> {
-        let mut free = lock(&self.workspaces);
+    /// A workspace with at least `meta_words` and `partial_words`: a free one that
+    /// fits, else a free one (or a new one) with its short buffers grown.
+    fn lease(&self, meta_words: usize, partial_words: usize) -> Result<Lease<Workspace>> {
         let fits =
             |w: &Workspace| w.meta.words() >= meta_words && w.partial.words() >= partial_words;
-        let ws = match free.iter().position(fits) {
-            Some(i) => free.swap_remove(i),
-            None => {
-                let old = free.pop();
-                let grow =
-                    |have: Option<&Arc<DeviceBuffer>>, need: usize| -> Result<Arc<DeviceBuffer>> {
-                        match have {
-                            Some(b) if b.words() >= need => Ok(b.clone()),
-                            _ => {
-                                let words = need
-                                    .next_power_of_two()
-                                    .max(have.map_or(0, |b| 2 * b.words()))
-                                    .max(16 << 10);
-                                Ok(Arc::new(self.alloc(words)?))
-                            }
-                        }
-                    };
-                Workspace {
-                    meta: grow(old.as_ref().map(|w| &w.meta), meta_words)?,
-                    partial: grow(old.as_ref().map(|w| &w.partial), partial_words)?,
-                }
+        let grow = |have: Option<&Arc<DeviceBuffer>>, need: usize| -> Result<Arc<DeviceBuffer>> {
+            let size = grown(
+                have.map(|b| b.words() as u64),
+                need as u64,
+                MIN_WORKSPACE_WORDS,
+            );
+            match (have, size) {
+                (Some(b), None) => Ok(b.clone()),
+                (_, size) => Ok(Arc::new(self.alloc(size.unwrap_or(need as u64) as usize)?)),
             }
         };
-        Ok(Lease {
-            ws,
-            home: self.workspaces.clone(),
+        self.workspaces.lease(fits, |old| {
+            Ok(Workspace {
+                meta: grow(old.as_ref().map(|w| &w.meta), meta_words)?,
+                partial: grow(old.as_ref().map(|w| &w.partial), partial_words)?,
+            })
         })
     }
 
@@ -529,7 +510,7 @@ impl CudaBackend {
         if *uploaded == Some(id) || st.meta.is_empty() {
             return Ok(());
         }
-        let dst = Self::ptr(&st.lease.ws.meta)?;
+        let dst = Self::ptr(&st.lease.get().meta)?;
         self.ctx
             .bind_to_thread()
             .map_err(|e| driver_err("context", e))?;
@@ -681,30 +662,21 @@ impl Backend for CudaBackend {
             (Some(params), false) => Some(self.partition(step, params)?),
             _ => None,
         };
-        let work = attention.as_ref().map_or(Vec::new(), |a| a.1.clone());
-        let mut meta = Vec::new();
-        let mut region = |words: &[u32]| {
-            // 16-word (64-byte) alignment for every region.
-            meta.resize(meta.len().next_multiple_of(16), 0);
-            let at = meta.len() as u64 * 4;
-            meta.extend_from_slice(words);
-            at
-        };
-        let slots = region(step.slots);
-        let work_at = region(&work);
-        let tables = region(step.tables);
+        let work = attention.as_ref().map_or(&[][..], |a| &a.1);
+        // 64-byte alignment for every region.
+        let records = step.records(work, 64);
         let partial_words = attention.as_ref().map_or(0, |a| a.2);
         let append_grid = rows_grid(step.slots.len(), step.k.kv_heads)?;
-        let lease = self.lease(meta.len().max(1), partial_words.max(1))?;
+        let lease = self.lease(records.words.len().max(1), partial_words.max(1))?;
         Ok(Prepared::new(
             step,
             CudaStep {
                 lease,
-                meta,
                 uploaded: Mutex::new(None),
-                slots,
-                work: work_at,
-                tables,
+                slots: records.slots.0,
+                work: records.work.0,
+                tables: records.tables.0,
+                meta: records.words,
                 append_grid,
                 attention: attention.map(|a| a.0),
             },
@@ -729,7 +701,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         self.upload_step(st, stream)?;
-        let slots = Self::ptr(&st.lease.ws.meta)? + st.slots;
+        let slots = Self::ptr(&st.lease.get().meta)? + st.slots;
         let f = self.function(&KernelKey::plain(CudaKernel::Rows), "quantize_append")?;
         for ((pool, src), t) in [pools.0, pools.1].into_iter().zip(srcs).zip([k, v]) {
             let params = RowParams::new(step.tokens, &pool.layout, t.elem == Elem::F16);
@@ -761,9 +733,9 @@ impl Backend for CudaBackend {
             return Ok(());
         };
         self.upload_step(st, stream)?;
-        let meta = Self::ptr(&st.lease.ws.meta)?;
+        let meta = Self::ptr(&st.lease.get().meta)?;
         let (work, tables) = (meta + st.work, meta + st.tables);
-        let partial = Self::ptr(&st.lease.ws.partial)?;
+        let partial = Self::ptr(&st.lease.get().partial)?;
         let (kd, ks) = pool_ptrs(pools.0)?;
         let (vd, vs) = pool_ptrs(pools.1)?;
         let shape = AttnShape {

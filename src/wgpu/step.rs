@@ -8,15 +8,16 @@ use super::attention::{Partition, partition};
 use super::bindings::Range;
 use super::pipelines::PipelineKey;
 use super::shaders::Kernel;
-use super::workspace::{Lease, UNIFORM_BLOCK};
+use super::workspace::{UNIFORM_BLOCK, Workspace, lease};
 use super::{NAME, ROW_WG, WgpuBackend};
+use crate::backend::lease::Lease;
 use crate::backend::{Elem, Encoder, Pool, Prepared, Step, Tensor};
 use crate::{Error, Result};
 
 /// A step as the wgpu backend keeps it.
 #[derive(Debug)]
 pub(crate) struct WgpuStep {
-    lease: Lease,
+    lease: Lease<Workspace>,
     /// (offset, bytes) of the append slots, the sequence records and work items,
     /// and the block tables in the workspace's `meta` buffer.
     slots: (u64, u64),
@@ -44,28 +45,18 @@ pub fn prepare(b: &WgpuBackend, step: &Step<'_>) -> Result<Prepared> {
     let append_grid = b.rows_grid(rows(step.slots.len(), step.k.kv_heads)?, ROW_WG)?;
 
     // The records, each region at the device's storage offset alignment.
-    let align = b.device.limits().min_storage_buffer_offset_alignment.max(4) as u64;
-    let work_words: &[u32] = attention.as_ref().map_or(&[], |a| &a.work);
-    let mut meta = Vec::new();
-    let mut region = |words: &[u32]| {
-        let offset = (meta.len() as u64 * 4).next_multiple_of(align);
-        meta.resize(offset as usize / 4, 0);
-        meta.extend_from_slice(words);
-        (offset, words.len() as u64 * 4)
-    };
-    let slots = region(step.slots);
-    let work = region(work_words);
-    let tables = region(step.tables);
+    let align = b.device.limits().min_storage_buffer_offset_alignment as u64;
+    let work = attention.as_ref().map_or(&[][..], |a| &a.work);
+    let records = step.records(work, align);
+    let meta = records.words.len() as u64 * 4;
     let partial = attention.as_ref().map_or(0, |a| a.partial_words as u64 * 4);
-    b.check_binding(meta.len() as u64 * 4)?;
+    b.check_binding(meta)?;
     b.check_binding(partial)?;
-    let lease = b
-        .workspaces
-        .lease(&b.device, meta.len() as u64 * 4, partial, &b.created);
+    let lease = lease(&b.workspaces, &b.device, meta, partial, &b.created);
     let ws = lease.get();
-    if !meta.is_empty() {
+    if meta > 0 {
         b.queue
-            .write_buffer(&ws.meta, 0, bytemuck::cast_slice(&meta));
+            .write_buffer(&ws.meta, 0, bytemuck::cast_slice(&records.words));
     }
     let mut uniform = [0u32; 3 * UNIFORM_BLOCK as usize / 4];
     if let Some(a) = &attention {
@@ -81,9 +72,9 @@ pub fn prepare(b: &WgpuBackend, step: &Step<'_>) -> Result<Prepared> {
         step,
         WgpuStep {
             lease,
-            slots,
-            work,
-            tables,
+            slots: records.slots,
+            work: records.work,
+            tables: records.tables,
             append_grid,
             attention,
         },
