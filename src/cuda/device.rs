@@ -15,7 +15,7 @@ use cudarc::driver::{result, sys};
 
 use super::kernels::{CudaKernel, KernelKey, compile, nvrtc_missing};
 use crate::attn::work::{LANE_FLOATS, TILE, WG, Work, lane_shape};
-use crate::backend::lease::{FreeList, Lease, grown};
+use crate::backend::lease::{FreeList, Lease, grow};
 use crate::backend::{
     Backend, BackendInfo, BackendKind, Candidate, DeviceBuffer, DeviceLimits, DeviceType, Elem,
     Encoder, Opener, Pool, Prepared, Step, Tensor,
@@ -484,21 +484,16 @@ impl CudaBackend {
     fn lease(&self, meta_words: usize, partial_words: usize) -> Result<Lease<Workspace>> {
         let fits =
             |w: &Workspace| w.meta.words() >= meta_words && w.partial.words() >= partial_words;
-        let grow = |have: Option<&Arc<DeviceBuffer>>, need: usize| -> Result<Arc<DeviceBuffer>> {
-            let size = grown(
-                have.map(|b| b.words() as u64),
-                need as u64,
-                MIN_WORKSPACE_WORDS,
-            );
-            match (have, size) {
-                (Some(b), None) => Ok(b.clone()),
-                (_, size) => Ok(Arc::new(self.alloc(size.unwrap_or(need as u64) as usize)?)),
-            }
+        let buffer = |have: Option<&Arc<DeviceBuffer>>, need: usize| {
+            let words = |b: &Arc<DeviceBuffer>| b.words() as u64;
+            grow(have, words, need as u64, MIN_WORKSPACE_WORDS, |size| {
+                Ok(Arc::new(self.alloc(size as usize)?))
+            })
         };
         self.workspaces.lease(fits, |old| {
             Ok(Workspace {
-                meta: grow(old.as_ref().map(|w| &w.meta), meta_words)?,
-                partial: grow(old.as_ref().map(|w| &w.partial), partial_words)?,
+                meta: buffer(old.as_ref().map(|w| &w.meta), meta_words)?,
+                partial: buffer(old.as_ref().map(|w| &w.partial), partial_words)?,
             })
         })
     }

@@ -52,7 +52,7 @@ pub fn prepare(b: &WgpuBackend, step: &Step<'_>) -> Result<Prepared> {
     let partial = attention.as_ref().map_or(0, |a| a.partial_words as u64 * 4);
     b.check_binding(meta)?;
     b.check_binding(partial)?;
-    let lease = lease(&b.workspaces, &b.device, meta, partial, &b.created);
+    let lease = lease(&b.workspaces, &b.device, meta, partial, &b.created)?;
     let ws = lease.get();
     if meta > 0 {
         b.queue

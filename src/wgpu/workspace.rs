@@ -2,7 +2,8 @@
 //! attention's split-K partials, leased ([`crate::backend::lease`]).
 
 use super::bindings::Created;
-use crate::backend::lease::{FreeList, Lease, grown};
+use crate::Result;
+use crate::backend::lease::{FreeList, Lease, grow};
 
 /// Smallest workspace buffer: room for the records of a few hundred sequences
 /// before the first growth.
@@ -34,48 +35,40 @@ pub fn lease(
     meta: u64,
     partial: u64,
     created: &Created,
-) -> Lease<Workspace> {
+) -> Result<Lease<Workspace>> {
     let fits = |w: &Workspace| w.meta.size() >= meta && w.partial.size() >= partial;
-    let build = |old: Option<Workspace>| -> Result<Workspace, std::convert::Infallible> {
-        let grow = |have: Option<&wgpu::Buffer>, need: u64, label, usage| match (
-            have,
-            grown(have.map(|b| b.size()), need, MIN_BYTES),
-        ) {
-            (Some(b), None) => b.clone(),
-            (_, size) => {
-                created.count();
-                device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some(label),
-                    size: size.unwrap_or(need),
-                    usage,
-                    mapped_at_creation: false,
-                })
-            }
-        };
-        let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+    let buffer = |have: Option<&wgpu::Buffer>, need: u64, label, usage| {
+        grow(have, wgpu::Buffer::size, need, MIN_BYTES, |size| {
+            created.count();
+            Ok(device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage,
+                mapped_at_creation: false,
+            }))
+        })
+    };
+    let storage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST;
+    free.lease(fits, |old| {
         Ok(Workspace {
-            meta: grow(
+            meta: buffer(
                 old.as_ref().map(|w| &w.meta),
                 meta,
                 "kvq step records",
                 storage,
-            ),
-            partial: grow(
+            )?,
+            partial: buffer(
                 old.as_ref().map(|w| &w.partial),
                 partial,
                 "kvq split-K partials",
                 storage,
-            ),
-            uniform: grow(
+            )?,
+            uniform: buffer(
                 old.as_ref().map(|w| &w.uniform),
                 3 * UNIFORM_BLOCK,
                 "kvq step uniforms",
                 wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            ),
+            )?,
         })
-    };
-    match free.lease(fits, build) {
-        Ok(lease) => lease,
-        Err(never) => match never {},
-    }
+    })
 }
