@@ -183,3 +183,62 @@ fn dequantize_matches_cpu(gpu: &Arc<dyn Backend>) {
         }
     }
 }
+
+/// Dequantize refuses short slot, output and pool buffers with an error and writes
+/// nothing, on every backend.
+#[test]
+fn bad_dequantize_input_is_an_error_and_changes_nothing() {
+    for b in common::backends() {
+        let cfg = CacheConfig::new(1, 2, 64, 64).with_dtypes(KvDtype::Int8, KvDtype::Int8);
+        let (cache, seqs, _, _) = common::filled(b.clone(), cfg, &[5], 1);
+        let table = cache.blocks().block_table(seqs[0]).unwrap();
+        let slots: Vec<u32> = (0..5).map(|p| table[0] * 16 + p).collect();
+        let sb = b.alloc(5).unwrap();
+        b.upload(&sb, 0, &slots).unwrap();
+        let n = 5 * 2 * 64;
+        let out = b.alloc(n).unwrap();
+        let marker = vec![7u32; n];
+        b.upload(&out, 0, &marker).unwrap();
+        let (pool, _) = cache.pools(0).unwrap();
+        let short = |words| b.alloc(words).unwrap();
+        let bad_pools = [
+            kvq::backend::Pool {
+                data: short(1),
+                ..pool.clone()
+            },
+            kvq::backend::Pool {
+                side: short(1),
+                ..pool.clone()
+            },
+        ];
+        let name = &b.info().name;
+        for p in &bad_pools {
+            let e = b.dequantize(p, &sb, 5, &out);
+            assert!(
+                matches!(e, Err(kvq::Error::OutOfRange { .. })),
+                "{name}: {e:?}"
+            );
+        }
+        let e = b.dequantize(pool, &sb, 6, &out);
+        assert!(
+            matches!(e, Err(kvq::Error::OutOfRange { .. })),
+            "{name}: {e:?}"
+        );
+        let e = b.dequantize(pool, &sb, 5, &short(n - 1));
+        assert!(
+            matches!(e, Err(kvq::Error::OutOfRange { .. })),
+            "{name}: {e:?}"
+        );
+        assert_eq!(
+            b.download(&out, 0, n).unwrap(),
+            marker,
+            "{name}: out changed"
+        );
+        b.dequantize(pool, &sb, 5, &out).unwrap();
+        assert_ne!(
+            b.download(&out, 0, n).unwrap(),
+            marker,
+            "{name}: good call wrote nothing"
+        );
+    }
+}

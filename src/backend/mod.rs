@@ -111,8 +111,17 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Checks the arguments of [`Backend::dequantize`]: the layout, `tokens` slots
-    /// in `slots`, and room for `[tokens, kv_heads, head_dim]` f32 in `out`.
+    /// Checks that the buffers hold the layout's code and side words; `names` name
+    /// them in the error.
+    pub fn check_buffers(&self, names: [&'static str; 2]) -> Result<()> {
+        let l = &self.layout;
+        self.data.check_range(names[0], 0, l.data_alloc_words())?;
+        self.side.check_range(names[1], 0, l.side_words())
+    }
+
+    /// Checks the arguments of [`Backend::dequantize`]: the layout and the pool's
+    /// buffers, `tokens` slots in `slots`, and room for `[tokens, kv_heads,
+    /// head_dim]` f32 in `out`.
     pub fn check_dequantize(
         &self,
         slots: &DeviceBuffer,
@@ -121,6 +130,7 @@ impl Pool {
     ) -> Result<()> {
         let l = &self.layout;
         l.check()?;
+        self.check_buffers(["pool data", "pool side"])?;
         slots.check_range("dequantize slots", 0, tokens)?;
         let values = tokens
             .checked_mul(l.kv_heads * l.head_dim)

@@ -297,12 +297,8 @@ impl Prepared {
                 "pools differ from those the step was prepared for".into(),
             ));
         }
-        k.data
-            .check_range("K data", 0, k.layout.data_alloc_words())?;
-        k.side.check_range("K side", 0, k.layout.side_words())?;
-        v.data
-            .check_range("V data", 0, v.layout.data_alloc_words())?;
-        v.side.check_range("V side", 0, v.layout.side_words())
+        k.check_buffers(["K data", "K side"])?;
+        v.check_buffers(["V data", "V side"])
     }
 }
 
