@@ -12,7 +12,10 @@ use super::{KvCache, SeqId};
 /// One step planned on a cache: valid until the cache next changes (an `extend`,
 /// `free_sequence`, `truncate` or another plan that appends), after which the
 /// cache refuses it. Keep it alive until the work recorded with it is submitted:
-/// its device workspace is reused once it is dropped.
+/// its device workspace is reused once it is dropped, by later work that the queue
+/// (wgpu) or the stream (CUDA) orders after it. On CUDA, a plan whose work is
+/// recorded on one stream and the next plan's on another need that first work
+/// finished (or an event between the streams) before the plan is dropped.
 #[derive(Debug)]
 pub struct Plan {
     prepared: Prepared,
