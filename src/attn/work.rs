@@ -190,7 +190,7 @@ impl Work {
         ]
     }
 
-    /// Words of split-K partials: (max, sum, acc[head_dim]) per row and split.
+    /// Words of split-K partials: (max, sum, `acc[head_dim]`) per row and split.
     pub fn partial_words(&self, head_dim: usize, splits: usize) -> usize {
         self.rows * splits * (head_dim + 2)
     }
