@@ -10,7 +10,7 @@
 //! (output `[1, Hq, D]`); `prefill` appends and attends causally in chunks of at
 //! most 512 tokens (output `[T, Hq, D]`). Scale 1/sqrt(D). Prints one line,
 //! `nmse=<x> min_cos=<y> max_abs=<z>`; the backend used goes to stderr. Bad input
-//! exits with status 2 and a one-line error.
+//! exits with status 2 and a one-line error, leaving no `--out` file.
 
 use std::fs::File;
 use std::process::ExitCode;
@@ -49,36 +49,57 @@ struct Tensor {
     d: usize,
 }
 
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
 fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            // Some messages (npyz's header parser) span several lines.
+            let msg = e.to_string();
+            let lines: Vec<&str> = msg
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("error: {}", lines.join(" "));
             ExitCode::from(2)
         }
     }
 }
 
-fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let o = parse(std::env::args().skip(1))?;
+fn run() -> Res<()> {
+    let args = std::env::args_os()
+        .skip(1)
+        .map(|a| {
+            a.into_string()
+                .map_err(|a| format!("argument {a:?} is not UTF-8"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let o = parse(args.into_iter())?;
     let (q, k, v) = (read(&o.q, "--q")?, read(&o.k, "--k")?, read(&o.v, "--v")?);
     check_shapes(&q, &k, &v)?;
-    let (t, hq, hkv, d) = (q.t, q.h, k.h, q.d);
-    // Created first so that an unwritable path fails before any work.
-    let out_file = match &o.out {
-        Some(path) => Some((
-            path,
-            File::create(path).map_err(|e| format!("--out {path}: {e}"))?,
-        )),
-        None => None,
+    let Some(path) = &o.out else {
+        return evaluate(&o, &q, &k, &v, None);
     };
+    // Created first so that an unwritable path fails before any work; removed
+    // again if anything fails later.
+    let file = File::create(path).map_err(|e| format!("--out {path}: {e}"))?;
+    let res = evaluate(&o, &q, &k, &v, Some((path, file)));
+    if res.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    res
+}
 
+/// Runs the cache, writes `out` if given, then prints the stats and the backend.
+fn evaluate(o: &Opts, q: &Tensor, k: &Tensor, v: &Tensor, out: Option<(&str, File)>) -> Res<()> {
+    let (t, hq, hkv, d) = (q.t, q.h, k.h, q.d);
     let pref = match o.backend {
         Some(kind) => Preference::only(kind),
         None => Preference::default().with_env()?,
     };
     let chosen = kvq::select(&pref)?;
-    eprintln!("backend: {}", chosen.reason);
     let cfg = CacheConfig::new(1, hkv, d, t)
         .with_dtypes(o.k_dtype, o.v_dtype)
         .with_rotation(o.rotate);
@@ -88,7 +109,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let resolved = params.resolve(hkv, d)?;
     let (qrow, kvrow) = (hq * d, hkv * d);
 
-    let (out, want) = match o.mode {
+    let (got, want) = match o.mode {
         Mode::Decode => {
             cache.append(&[(seq, t)], &k.data, &v.data)?;
             let last = &q.data[(t - 1) * qrow..];
@@ -117,14 +138,15 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
             )
         }
     };
-    let e = error_stats(&out, &want, d);
+    if let Some((path, file)) = out {
+        write(path, file, &got, [got.len() / qrow, hq, d])?;
+    }
+    let e = error_stats(&got, &want, d);
     println!(
         "nmse={:.6e} min_cos={:.8} max_abs={:.6e}",
         e.nmse, e.min_cos, e.max_abs
     );
-    if let Some((path, file)) = out_file {
-        write(path, file, &out, [out.len() / qrow, hq, d])?;
-    }
+    eprintln!("backend: {}", chosen.reason);
     Ok(())
 }
 
@@ -190,6 +212,9 @@ fn dtype(flag: &str, value: &str) -> Result<KvDtype, String> {
 fn read(path: &str, flag: &str) -> Result<Tensor, String> {
     let what = format!("{flag} {path}");
     let bytes = std::fs::read(path).map_err(|e| format!("{what}: {e}"))?;
+    if !count_fits(&bytes) {
+        return Err(format!("{what}: shape has more than 2^64 elements"));
+    }
     let npy =
         npyz::NpyFile::new(&bytes[..]).map_err(|e| format!("{what}: not a .npy file: {e}"))?;
     let dtype = npy.dtype();
@@ -215,6 +240,26 @@ fn read(path: &str, flag: &str) -> Result<Tensor, String> {
         return Err(format!("{what}: element [{ti}, {hi}, {di}] is {}", data[i]));
     }
     Ok(Tensor { data, t, h, d })
+}
+
+/// False if an npy header's shape multiplies out past u64, which npyz does not
+/// check (it panics in debug builds).
+fn count_fits(bytes: &[u8]) -> bool {
+    if !bytes.starts_with(b"\x93NUMPY") {
+        return true; // npyz reports it
+    }
+    let head = String::from_utf8_lossy(&bytes[..bytes.len().min(1 << 16)]);
+    let dims = head
+        .split_once("shape")
+        .and_then(|(_, s)| s.split_once('('))
+        .and_then(|(_, s)| s.split_once(')'));
+    let Some((dims, _)) = dims else {
+        return true; // npyz reports it
+    };
+    dims.split(',')
+        .filter_map(|n| n.trim().parse::<u64>().ok())
+        .try_fold(1u64, |a, n| a.checked_mul(n))
+        .is_some()
 }
 
 fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(), String> {
