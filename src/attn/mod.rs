@@ -55,6 +55,14 @@ impl AttnParams {
                 self.q_heads
             )));
         }
+        // Kernels read q_heads as u32: a larger count must not be cut silently.
+        let q_heads = u32::try_from(self.q_heads).map_err(|_| {
+            Error::InvalidConfig(format!(
+                "q_heads {} is more than kernels can index ({})",
+                self.q_heads,
+                u32::MAX
+            ))
+        })?;
         let scale = self.scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
         if !scale.is_finite() {
             return Err(Error::InvalidConfig(format!("scale {scale} is not finite")));
@@ -73,7 +81,7 @@ impl AttnParams {
             None => 0,
         };
         Ok(Resolved {
-            q_heads: self.q_heads as u32,
+            q_heads,
             group_ratio: (self.q_heads / kv_heads) as u32,
             scale,
             softcap,

@@ -91,6 +91,24 @@ impl CacheConfig {
                 )));
             }
         }
+        // Sizes of the whole cache (bytes_per_token, KvCache::memory) must fit usize:
+        // its size stored as f32, more than any format takes, does.
+        let f32_bytes = [
+            self.layers,
+            2 * 4,
+            self.kv_heads,
+            self.head_dim,
+            self.num_blocks,
+            self.block_size,
+        ]
+        .iter()
+        .try_fold(1usize, |a, &b| a.checked_mul(b));
+        if f32_bytes.is_none() {
+            return Err(Error::InvalidConfig(format!(
+                "{} layers of {} blocks x {} heads x {} tokens x head_dim {} do not fit in memory",
+                self.layers, self.num_blocks, self.kv_heads, self.block_size, self.head_dim
+            )));
+        }
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use crate::backend::{Backend, DeviceBuffer, Pool, Prepared, Tensor};
-use crate::quant::check_finite;
+use crate::quant::{F16_MAX, check_finite, hadamard};
 use crate::{AttnParams, Error, KvDtype, Result};
 
 use super::{BlockManager, CacheConfig, SeqId};
@@ -222,6 +222,8 @@ impl KvCache {
         check_len("v", whole, v.len())?;
         check_finite("k", k)?;
         check_finite("v", v)?;
+        self.check_rotated("k", self.config.k_dtype, k)?;
+        self.check_rotated("v", self.config.v_dtype, v)?;
         let before = (self.blocks.clone(), self.epoch);
         let r = self.extend(batch)?;
         let written = self.write_layers(&r, per_layer, k, v);
@@ -312,7 +314,12 @@ impl KvCache {
     ) -> Result<Vec<f32>> {
         let pools = self.layer(layer)?;
         let plan = self.plan_attention(batch, params)?;
-        let q_words = plan.queries() * params.q_heads * self.config.head_dim;
+        // No q can hold more values than memory has: an overflow is a mismatch.
+        let q_words = plan
+            .queries()
+            .checked_mul(params.q_heads)
+            .and_then(|n| n.checked_mul(self.config.head_dim))
+            .unwrap_or(usize::MAX);
         check_len("q", q_words, q.len())?;
         check_finite("q", q)?;
         if batch.is_empty() {
@@ -342,7 +349,40 @@ impl KvCache {
         check_len("k", want, k.len())?;
         check_len("v", want, v.len())?;
         check_finite("k", k)?;
-        check_finite("v", v)
+        check_finite("v", v)?;
+        self.check_rotated("k", self.config.k_dtype, k)?;
+        self.check_rotated("v", self.config.v_dtype, v)
+    }
+
+    /// A rotated pool stores each head vector of `x` rotated, whose components
+    /// reach up to sqrt(head_dim) times the largest input: where f16 is stored (F16
+    /// codes, Int4 minimum and scale) they must stay in f16's range too, else the
+    /// token would hold ±Inf. Names the first rotated component past it (its index
+    /// in `x` and rotated value).
+    fn check_rotated(&self, what: &'static str, dtype: KvDtype, x: &[f32]) -> Result<()> {
+        let d = self.config.head_dim;
+        if !self.config.rotate || dtype == KvDtype::Int8 {
+            return Ok(());
+        }
+        // No rotated component exceeds sqrt(d) * max |x| (with room for rounding).
+        let max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        if max * (d as f32).sqrt() <= 0.999 * F16_MAX {
+            return Ok(());
+        }
+        let mut r = vec![0f32; d];
+        for (i, head) in x.chunks_exact(d).enumerate() {
+            r.copy_from_slice(head);
+            hadamard(&mut r);
+            // Finite: the inputs were checked.
+            if let Some(j) = r.iter().position(|v| v.abs() > F16_MAX) {
+                return Err(Error::NonFinite {
+                    what,
+                    index: i * d + j,
+                    value: r[j],
+                });
+            }
+        }
+        Ok(())
     }
 
     pub(super) fn layer(&self, layer: usize) -> Result<&LayerPools> {

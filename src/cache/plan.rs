@@ -125,7 +125,7 @@ impl KvCache {
     /// Checks a step's batch (known, distinct sequences, each with at least one
     /// token) and resolves its parameters.
     fn check_step(&self, batch: &[(SeqId, usize)], params: &AttnParams) -> Result<Resolved> {
-        let params = params.resolve(self.config.kv_heads, self.config.head_dim)?;
+        let resolved = params.resolve(self.config.kv_heads, self.config.head_dim)?;
         self.blocks.check_batch(batch.iter().map(|b| b.0))?;
         if batch.iter().any(|b| b.1 == 0) {
             return Err(Error::OutOfRange {
@@ -134,7 +134,7 @@ impl KvCache {
                 limit: usize::MAX,
             });
         }
-        Ok(params)
+        Ok(resolved)
     }
 
     fn plan(&self, prepared: Prepared, batch: &[(SeqId, usize)]) -> Plan {
