@@ -22,6 +22,11 @@
 //! # Ok::<(), kvq::Error>(())
 //! ```
 
+// Every `unsafe` operation sits in its own block with a `// SAFETY:` comment
+// saying why it holds (trusted shader modules, CUDA driver calls and launches).
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod attn;
 pub mod backend;
 pub mod cache;

@@ -77,7 +77,10 @@ fn rejected(reason: String) -> Candidate {
 /// The driver's CUDA version, as 1000 * major + 10 * minor.
 fn driver_version() -> Result<i32> {
     let mut v = 0;
-    // SAFETY: writes one int.
+    // SAFETY: every caller runs after `is_culib_present` (`list`, `describe` via
+    // `device_count`, or a backend that `describe` opened), so the symbol is
+    // loaded; cuDriverGetVersion only writes one int through a pointer to the
+    // live local `v`.
     unsafe { sys::cuDriverGetVersion(&mut v) }
         .result()
         .map_err(|e| driver_err("driver version", e))?;
@@ -90,7 +93,8 @@ fn nvrtc_major() -> Option<i32> {
         return None;
     }
     let (mut major, mut minor) = (0, 0);
-    // SAFETY: writes two ints; the library is present.
+    // SAFETY: `nvrtc_present` above has loaded NVRTC; nvrtcVersion only writes
+    // one int through each pointer, both to live locals.
     let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
     (r == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS).then_some(major)
 }
@@ -111,7 +115,8 @@ fn nvrtc_unusable() -> Option<String> {
 }
 
 fn list() -> Vec<Candidate> {
-    // SAFETY: probing loads the library or fails; it calls nothing in it.
+    // SAFETY: `is_culib_present` only tries to load libcuda.so.1 (dlopen) and
+    // reports whether it loaded; it calls no function of the driver.
     if !unsafe { sys::is_culib_present() } {
         return vec![rejected(
             "rejected: no CUDA driver (libcuda.so.1 not found)".into(),
@@ -144,7 +149,8 @@ fn list() -> Vec<Candidate> {
 
 /// Number of CUDA devices the driver reports.
 pub fn device_count() -> Result<usize> {
-    // SAFETY: probing loads the library or fails.
+    // SAFETY: `is_culib_present` only tries to load libcuda.so.1 (dlopen) and
+    // reports whether it loaded; it calls no function of the driver.
     if !unsafe { sys::is_culib_present() } {
         return Err(Error::NoBackend(
             "no CUDA driver (libcuda.so.1 not found)".into(),
@@ -156,7 +162,9 @@ pub fn device_count() -> Result<usize> {
 }
 
 fn attribute(dev: sys::CUdevice, a: sys::CUdevice_attribute) -> Result<i32> {
-    // SAFETY: a valid device and attribute.
+    // SAFETY: every caller passes a handle that `result::device::get` returned
+    // (as `get_attribute` requires) for an ordinal below the driver's count, and
+    // `a` is a variant of the driver's own attribute enum.
     unsafe { result::device::get_attribute(dev, a) }.map_err(|e| driver_err("attribute", e))
 }
 
@@ -172,7 +180,8 @@ pub fn describe(ordinal: usize) -> Result<BackendInfo> {
     }
     let dev = result::device::get(ordinal as i32).map_err(|e| driver_err("device", e))?;
     let name = result::device::get_name(dev).map_err(|e| driver_err("name", e))?;
-    // SAFETY: a valid device.
+    // SAFETY: `dev` was returned by `result::device::get` just above, for an
+    // ordinal checked against the device count (what `total_mem` requires).
     let memory = unsafe { result::device::total_mem(dev) }.map_err(|e| driver_err("memory", e))?;
     let major = attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
     let minor = attribute(dev, A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
@@ -225,7 +234,12 @@ impl Drop for Mem {
         if let Some(ctx) = &self.owned {
             // A failure here cannot be reported; the memory is the driver's again at exit.
             let _ = ctx.bind_to_thread();
-            // SAFETY: kvq allocated it and nothing uses it once its buffer is dropped.
+            // SAFETY: `owned` is set only by `alloc`, for a pointer that
+            // `malloc_sync` returned in this context (as `free_sync` requires); a
+            // `Mem` is never cloned (buffers share it through an `Arc`), so this
+            // drop runs once and frees it once. Work still queued that reads it
+            // is not overtaken: cuMemFree synchronises with the context's
+            // outstanding work before it releases the memory.
             let _ = unsafe { result::free_sync(self.ptr) };
         }
     }
@@ -291,7 +305,10 @@ struct Attention {
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 struct AttnParams([u32; 12]);
-// SAFETY: plain words, laid out as the kernel's struct.
+// SAFETY: plain old data passed by value as a kernel argument: `repr(C)`, twelve
+// u32 words (no padding, no pointers, every bit pattern valid), the 48 bytes of
+// attention.cu's `AttnParams` (ten u32, `scale` and `softcap` as f32 bits at
+// words 8 and 9, two u32 of padding), which `Work::params_words` fills in order.
 unsafe impl DeviceRepr for AttnParams {}
 
 /// `AttnShape` of `attention.cu`.
@@ -307,7 +324,9 @@ struct AttnShape {
     q_f16: u32,
     norm: f32,
 }
-// SAFETY: as above.
+// SAFETY: plain old data passed by value as a kernel argument: `repr(C)`, seven
+// u32 then one f32 (4-byte fields, so no padding; no pointers; every bit pattern
+// valid), field for field attention.cu's `AttnShape` (32 bytes).
 unsafe impl DeviceRepr for AttnShape {}
 
 /// `ReduceParams` of `attn_reduce.cu`.
@@ -322,7 +341,9 @@ struct ReduceParams {
     out_f16: u32,
     pad: [u32; 2],
 }
-// SAFETY: as above.
+// SAFETY: plain old data passed by value as a kernel argument: `repr(C)`, four
+// u32, one f32 and three u32 (4-byte fields, so no padding; no pointers; every
+// bit pattern valid), field for field attn_reduce.cu's `ReduceParams` (32 bytes).
 unsafe impl DeviceRepr for ReduceParams {}
 
 /// `RowParams` of `rows.cu`.
@@ -341,7 +362,9 @@ struct RowParams {
     src_f16: u32,
     pad: [u32; 2],
 }
-// SAFETY: as above.
+// SAFETY: plain old data passed by value as a kernel argument: `repr(C)`, eight
+// u32, one f32 and three u32 (4-byte fields, so no padding; no pointers; every
+// bit pattern valid), field for field rows.cu's `RowParams` (48 bytes).
 unsafe impl DeviceRepr for RowParams {}
 
 impl RowParams {
@@ -372,7 +395,11 @@ impl CudaBackend {
         let arch = device_arch(ordinal)?;
         let ctx = CudaContext::new(ordinal).map_err(|e| driver_err("context", e))?;
         // Raw pointers and one stream per call: kvq orders its own work.
-        // SAFETY: no CudaSlice is shared between streams by kvq.
+        // SAFETY: the tracking switched off concerns `CudaSlice`s only, and kvq
+        // makes none: its memory is raw `malloc_sync` pointers (`Mem`), ordered by
+        // kvq itself (allocations are zeroed and waited for; copies synchronise
+        // the stream; workspaces are reused only by work ordered after their
+        // plan, see `Plan`), and the context is kvq's own.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| driver_err("stream", e))?;
         let dev = result::device::get(ordinal as i32).map_err(|e| driver_err("device", e))?;
@@ -407,7 +434,14 @@ impl CudaBackend {
     /// Device memory the application owns (`bytes` from `ptr`, on this backend's
     /// device) as a [`DeviceBuffer`] for the device path's [`Tensor`]s; kvq never
     /// frees it.
-    pub fn buffer(ptr: u64, bytes: usize) -> DeviceBuffer {
+    ///
+    /// # Safety
+    ///
+    /// `ptr` must be the start of at least `bytes` bytes of device memory usable
+    /// in this backend's context, 4-byte aligned, that stays allocated while the
+    /// buffer (or any clone) exists and until the work recorded with it is done:
+    /// kvq's kernels read and write through it unchecked.
+    pub unsafe fn buffer(ptr: u64, bytes: usize) -> DeviceBuffer {
         DeviceBuffer::new(bytes / 4, Mem { ptr, owned: None })
     }
 
@@ -459,9 +493,18 @@ impl CudaBackend {
             block_dim: (WG, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: the callers push the arguments the kernel declares, in order,
-        // built from the same layouts, and every pointer was checked to cover what
-        // the kernel reads or writes.
+        // SAFETY: each caller pushes exactly the parameters its kernel declares,
+        // in order and of the same types (`quantize_append` and `dequantize` of
+        // rows.cu, `attention`, `attn_reduce`, `stream`: a `DeviceRepr` struct
+        // matching the kernel's, then u64 device pointers), for a function loaded
+        // in this backend's context on a stream of that context (`stream_of`).
+        // Every pointer is into live memory of this context (kvq's `Mem`, or an
+        // application buffer whose `CudaBackend::buffer` caller vouched for it)
+        // and was checked to cover what the kernel indexes from the same layout:
+        // tensors by `Tensor::check`, pools by `check_pools` /
+        // `check_dequantize`, records by the workspace lease, `stream`'s source
+        // by `check_range`. The buffers outlive the launch: the caller holds them
+        // and `Mem` frees only after the context's work is done.
         unsafe { builder.launch(cfg) }.map_err(|e| driver_err("launch", e))?;
         if let (Some(start), Some(list)) = (start, timing.as_mut()) {
             list.push((start, self.event(stream)?));
@@ -509,8 +552,10 @@ impl CudaBackend {
         self.ctx
             .bind_to_thread()
             .map_err(|e| driver_err("context", e))?;
-        // SAFETY: the workspace holds at least meta.len() words; a copy from
-        // pageable memory has read the source when it returns.
+        // SAFETY: `lease` gave a meta buffer of at least `meta.len()` words, live
+        // while the step holds its lease; `stream` belongs to this context
+        // (`stream_of`). A copy from pageable host memory (a `Vec`) has read its
+        // source when it returns, so `st.meta` may move or drop after.
         unsafe { result::memcpy_htod_async(dst, &st.meta, stream.cu_stream()) }
             .map_err(|e| driver_err("upload", e))?;
         *uploaded = Some(id);
@@ -601,7 +646,8 @@ impl Backend for CudaBackend {
         self.ctx
             .bind_to_thread()
             .map_err(|e| driver_err("context", e))?;
-        // SAFETY: a plain allocation, zeroed before use.
+        // SAFETY: `malloc_sync`'s only hazard is uninitialised memory; it is
+        // zeroed just below, before the buffer is handed out.
         let ptr = unsafe { result::malloc_sync(bytes) }
             .map_err(|e| Error::OutOfMemory(format!("{bytes} bytes: {e:?}")))?;
         let mem = Mem {
@@ -610,7 +656,8 @@ impl Backend for CudaBackend {
         };
         // Zeroed on kvq's stream and waited for, so that no later work on any
         // stream (kvq's or an application's) overtakes it.
-        // SAFETY: the allocation is `bytes` long.
+        // SAFETY: `ptr` was just allocated, `bytes` long, in this context (bound
+        // above) and not yet freed; any byte pattern is a valid u32 word.
         unsafe { result::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }
             .map_err(|e| driver_err("memset", e))?;
         self.synchronize()?;
@@ -627,7 +674,10 @@ impl Backend for CudaBackend {
         self.ctx
             .bind_to_thread()
             .map_err(|e| driver_err("context", e))?;
-        // SAFETY: the range was checked; the stream is synchronised before return.
+        // SAFETY: `check_range` put `[offset, offset + data.len())` inside the
+        // buffer, live while `buf` is borrowed; `data` is u32 words, as the buffer
+        // holds, and the stream is synchronised before return, so `data` is read
+        // before the borrow ends.
         unsafe { result::memcpy_htod_async(dst, data, self.stream.cu_stream()) }
             .map_err(|e| driver_err("upload", e))?;
         self.synchronize()
@@ -643,7 +693,9 @@ impl Backend for CudaBackend {
         self.ctx
             .bind_to_thread()
             .map_err(|e| driver_err("context", e))?;
-        // SAFETY: the range was checked; the stream is synchronised before `out` is read.
+        // SAFETY: `check_range` put `[offset, offset + len)` inside the buffer,
+        // live while `buf` is borrowed; `out` holds `len` u32 words, and the
+        // stream is synchronised before `out` is read or moved.
         unsafe { result::memcpy_dtoh_async(&mut out, src, self.stream.cu_stream()) }
             .map_err(|e| driver_err("download", e))?;
         self.synchronize()?;

@@ -112,7 +112,8 @@ impl KernelKey {
 
 /// Whether NVRTC can be loaded.
 pub fn nvrtc_present() -> bool {
-    // SAFETY: probing for the library loads it or fails; it calls nothing in it.
+    // SAFETY: `is_culib_present` only tries to load libnvrtc (dlopen) and reports
+    // whether it loaded; it calls no function of NVRTC.
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 

@@ -159,9 +159,16 @@ impl Pipelines {
                         source: wgpu::ShaderSource::Wgsl(key.kernel.source().into()),
                     };
                     created.count();
-                    // SAFETY: every loop in kvq's kernels is bounded by a constant or
-                    // a host-checked count, and every divisor is a non-zero constant
-                    // or a host-checked parameter; buffer bounds checks stay on.
+                    // SAFETY: `runtime_checks` drops only naga's forced loop bounding
+                    // and integer-division guards; bounds checks on every buffer and
+                    // array access stay on. Neither dropped guard is needed: every
+                    // loop in kvq's kernels (shaders/*.wgsl, all of them from
+                    // `key.kernel.source()`, none from the application) runs to a
+                    // constant, an override or a count the host checked, and every
+                    // integer divisor is a non-zero constant or override, a
+                    // parameter the host checked non-zero (kv_heads, block_size,
+                    // the GQA ratio) or a value at least 1 made from those (the
+                    // butterfly stride, the head blocks of a GQA group).
                     unsafe { device.create_shader_module_trusted(desc, runtime_checks()) }
                 })
                 .clone()
