@@ -286,7 +286,7 @@ impl Case {
             out: b.alloc(rows)?,
             bytes,
             // The roofline reads as many bytes from a buffer of its own, no larger than
-            // one binding may be.
+            // one buffer may be.
             stream: b.alloc(bytes.min(b.info().limits.max_buffer_bytes as usize) / 4)?,
             cache,
         })

@@ -57,11 +57,7 @@ var<private> kw: array<vec4<u32>, 4>;   // this lane's slice of each key's K row
 var<private> vw: array<vec4<u32>, 4>;   // and of its V row
 var<private> kf: array<vec2<f32>, 4>;   // each key's K factors for this lane: (scale, min)
 var<private> vf: array<vec2<f32>, 4>;   // and its V factors
-
-fn kv_addr(table_offset: u32, kvh: u32, t: u32) -> u32 {
-    let b = tables[table_offset + t / BLOCK_SIZE];
-    return (b * P.kv_heads + kvh) * BLOCK_SIZE + t % BLOCK_SIZE;
-}
+var<private> inside: array<bool, 4>;    // whether each key lies in the bound window
 
 // Words [i, i + n) of the vec4 v that holds them (n = 1, 2 or 4, i a multiple of
 // n), from its first component on: a slice narrower than 16 bytes is one load that
@@ -85,7 +81,9 @@ fn q4(o: u32) -> vec4<f32> {
 // before any is used.
 fn load_step(w: Work, t0: u32, z: u32, x: u32) {
     for (var j = 0u; j < KB; j++) {
-        let row = kv_addr(w.table_offset, w.kvh, min(t0 + j * NZ + z, w.end - 1u));
+        let t = min(t0 + j * NZ + z, w.end - 1u);
+        inside[j] = window_block(w.table_offset, t) < P.blocks;
+        let row = kv_addr(w.table_offset, w.kvh, t);
         let ki = row * K_WORDS + x * K_LW;
         kw[j] = slice(k_data[ki / 4u], ki, K_LW);
         let vi = row * V_WORDS + x * V_LW;
@@ -161,7 +159,7 @@ fn softmax_step(w: Work, t0: u32, z: u32) {
             if (P.softcap > 0.0) {
                 s = P.softcap * tanh(s / P.softcap);
             }
-            let seen = t < w.end && t <= pos[r] && (P.window == 0u || pos[r] - t < P.window);
+            let seen = t < w.end && inside[j] && t <= pos[r] && (P.window == 0u || pos[r] - t < P.window);
             s = select(-3.0e38, s, seen);
             sc[j * ROWS + r] = s;
             mx = max(mx, s);
@@ -185,11 +183,20 @@ fn softmax_step(w: Work, t0: u32, z: u32) {
 // Adds key j's weighted V to this lane's dims of every row; each V word is
 // dequantized once for every row. An Int4 group's min goes to accm, once per key.
 fn pv(j: u32) {
+    // A key outside the window read another block's row: even weighted by zero
+    // (0 x NaN) it must not reach this sequence.
+    if (!inside[j]) {
+        return;
+    }
+    // A row that may not see the key (weight 0) skips it: 0 x Inf is NaN, and a
+    // non-finite V stored from device input must not reach queries before its token.
     let f = vf[j];
     var p: array<f32, 8>;
+    var seen: array<bool, 8>;
     for (var r = 0u; r < ROWS; r++) {
+        seen[r] = sc[j * ROWS + r] != 0.0;
         p[r] = sc[j * ROWS + r] * f.x;
-        if (V_DTYPE == 2u) {
+        if (V_DTYPE == 2u && seen[r]) {
             accm[r] += sc[j * ROWS + r] * f.y;
         }
     }
@@ -198,21 +205,27 @@ fn pv(j: u32) {
         if (V_DTYPE == 0u) {
             let c = unpack2x16float(word);
             for (var r = 0u; r < ROWS; r++) {
-                let o = r * DL + 2u * w;
-                acc[o] += p[r] * c.x;
-                acc[o + 1u] += p[r] * c.y;
+                if (seen[r]) {
+                    let o = r * DL + 2u * w;
+                    acc[o] += p[r] * c.x;
+                    acc[o + 1u] += p[r] * c.y;
+                }
             }
         } else if (V_DTYPE == 1u) {
             let c = int8_codes(word);
             for (var r = 0u; r < ROWS; r++) {
-                axpy4(r * DL + 4u * w, p[r], c);
+                if (seen[r]) {
+                    axpy4(r * DL + 4u * w, p[r], c);
+                }
             }
         } else {
             let lo = int4_codes(word, 0u);
             let hi = int4_codes(word, 16u);
             for (var r = 0u; r < ROWS; r++) {
-                axpy4(r * DL + 8u * w, p[r], lo);
-                axpy4(r * DL + 8u * w + 4u, p[r], hi);
+                if (seen[r]) {
+                    axpy4(r * DL + 8u * w, p[r], lo);
+                    axpy4(r * DL + 8u * w + 4u, p[r], hi);
+                }
             }
         }
     }

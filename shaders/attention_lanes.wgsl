@@ -45,11 +45,6 @@ var<private> acc: array<f32, 256>;     // sum p * V over this lane's dims, [r * 
 var<private> accm: array<f32, 32>;     // Int4 V: sum p * min per row and group, [r * 4 + g]
 var<private> pw: array<f32, 8>;        // weight of the broadcast key, per row
 
-fn kv_addr(table_offset: u32, kvh: u32, t: u32) -> u32 {
-    let b = tables[table_offset + t / BLOCK_SIZE];
-    return (b * P.kv_heads + kvh) * BLOCK_SIZE + t % BLOCK_SIZE;
-}
-
 // ---- staging q into registers -------------------------------------------------
 
 fn load_q8(c: u32) {
@@ -176,8 +171,13 @@ fn qk(row: u32) {
 // ---- p . V over this lane's dims --------------------------------------------------
 
 // acc[r][e..e+n] += pw[r] * x
+// A row that may not see the key (weight 0) skips it: 0 x Inf is NaN, and a
+// non-finite V stored from device input must not reach queries before its token.
 fn axpy2(e: u32, x: vec2<f32>) {
     for (var r = 0u; r < ROWS; r++) {
+        if (pw[r] == 0.0) {
+            continue;
+        }
         acc[r * DL + e] += pw[r] * x.x;
         acc[r * DL + e + 1u] += pw[r] * x.y;
     }
@@ -185,6 +185,9 @@ fn axpy2(e: u32, x: vec2<f32>) {
 
 fn axpy4(e: u32, x: vec4<f32>, f: f32) {
     for (var r = 0u; r < ROWS; r++) {
+        if (pw[r] == 0.0) {
+            continue;
+        }
         let p = pw[r] * f;
         acc[r * DL + e] += p * x.x;
         acc[r * DL + e + 1u] += p * x.y;
@@ -215,7 +218,9 @@ fn v_factors(row: u32, lane: u32, w: u32) -> vec2<f32> {
     let f = unpack2x16float(v_side[row * (HEAD_DIM / V_GROUP) + d / V_GROUP]);
     let g = (8u * w) / V_GROUP; // group within the lane's slice (V_GROUP >= DL: 0)
     for (var r = 0u; r < ROWS; r++) {
-        accm[r * 4u + g] += pw[r] * f.y;
+        if (pw[r] != 0.0) {
+            accm[r * 4u + g] += pw[r] * f.y;
+        }
     }
     return f;
 }
@@ -325,9 +330,15 @@ fn main(
     var lb = vec4<f32>(0.0);
     for (var t0 = w.begin; t0 < w.end; t0 += LANES) {
         let t = t0 + lane;
+        // A pool past one binding is bound in windows, one dispatch each: steps
+        // with no key in this one are skipped (the workgroup is one subgroup).
+        let inside = window_block(w.table_offset, min(t, w.end - 1u)) < P.blocks;
+        if (!subgroupAny(inside)) {
+            continue;
+        }
         let row = kv_addr(w.table_offset, w.kvh, min(t, w.end - 1u));
-        let va = visible(t, w.end, pos_a);
-        let vb = visible(t, w.end, pos_b);
+        let va = visible(t, w.end, pos_a) & vec4<bool>(inside);
+        let vb = visible(t, w.end, pos_b) & vec4<bool>(inside);
         qk(row);
         var sa = vec4<f32>(s[0], s[1], s[2], s[3]);
         var sb = vec4<f32>(s[4], s[5], s[6], s[7]);
@@ -367,12 +378,20 @@ fn main(
         var wb = pb;
         if (V_DTYPE == 1u) {
             let scale = bitcast<f32>(v_side[row]);
-            wa *= scale;
-            wb *= scale;
+            // A zero weight stays zero (0 x Inf is NaN): see axpy2.
+            wa = select(vec4<f32>(0.0), wa * scale, wa != vec4<f32>(0.0));
+            wb = select(vec4<f32>(0.0), wb * scale, wb != vec4<f32>(0.0));
         }
         for (var j = 0u; j < LANES; j++) {
-            // Key j of the step: lane j's pool row and weights, in every lane.
-            pv(subgroupShuffle(row, j), lane, subgroupShuffle(wa, j), subgroupShuffle(wb, j));
+            // Key j of the step: lane j's pool row and weights, in every lane. A key
+            // outside the window (weights 0) read another block's row, which even
+            // weighted by zero (0 x NaN) must not reach this sequence.
+            let jrow = subgroupShuffle(row, j);
+            let ja = subgroupShuffle(wa, j);
+            let jb = subgroupShuffle(wb, j);
+            if (any(ja != vec4<f32>(0.0)) || any(jb != vec4<f32>(0.0))) {
+                pv(jrow, lane, ja, jb);
+            }
         }
     }
 

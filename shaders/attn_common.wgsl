@@ -14,12 +14,18 @@ struct AttnParams {
     work_offset: u32, // where work items start in `work`
     scale: f32,
     softcap: f32,    // 0: off
-    _pad0: u32,
-    _pad1: u32,
+    block0: u32,     // first pool block of the bound window (src/wgpu/windows.rs)
+    blocks: u32,     // blocks in the window: keys of other blocks are skipped
+    split0: u32,     // the window's first split in the partials
+    partial_splits: u32, // splits per row in the partials: splits x windows
+    work_base: u32,  // where the step's records start in `work`, in words
+    tables_base: u32, // where its block tables start in `tables`, in words
 }
 
 @group(0) @binding(0) var<uniform> P: AttnParams;
 @group(0) @binding(1) var<storage, read> q: array<u32>;          // [queries, q_heads, HEAD_DIM], f32 or f16
+// `work` and `tables` are one buffer of a step's records, bound whole so that the
+// bind group stays the same from step to step; the regions' offsets are parameters.
 @group(0) @binding(2) var<storage, read> work: array<u32>;       // SeqInfo per seq, then work items
 @group(0) @binding(3) var<storage, read> tables: array<u32>;
 @group(0) @binding(4) var<storage, read> k_data: array<vec4<u32>>;
@@ -110,10 +116,11 @@ struct Work {
 }
 
 fn work_of(wid: vec3<u32>) -> Work {
-    let item = P.work_offset + 2u * wid.z;
+    let item = P.work_base + P.work_offset + 2u * wid.z;
     let seq = work[item];
     let first_q = work[item + 1u]; // index of the first query within the sequence
-    let info = SeqInfo(work[4u * seq], work[4u * seq + 1u], work[4u * seq + 2u], work[4u * seq + 3u]);
+    let s = P.work_base + 4u * seq;
+    let info = SeqInfo(work[s], work[s + 1u], work[s + 2u], work[s + 3u]);
     let nq = min(QB, info.q_len - first_q);
     let pos0 = info.kv_len - info.q_len + first_q;
     let blocks = (P.ratio + QH - 1u) / QH;
@@ -127,7 +134,7 @@ fn work_of(wid: vec3<u32>) -> Work {
     let begin = lo + wid.y * P.split_len;
     let end = min(begin + P.split_len, pos0 + nq);
     return Work(kvh, kvh * P.ratio + first_h, min(QH, P.ratio - first_h), info.q_offset + first_q,
-                nq, pos0, info.table_offset, wid.y, begin, end);
+                nq, pos0, P.tables_base + info.table_offset, wid.y, begin, end);
 }
 
 // Row r of the workgroup is query position r / QH and q head r % QH of its block.
@@ -143,5 +150,22 @@ fn q_start(w: Work, r: u32) -> u32 {
 
 // Where row r's partial (max, sum, acc[HEAD_DIM]) for the work's split starts.
 fn partial_start(w: Work, r: u32) -> u32 {
-    return (((w.q0 + r / QH) * P.q_heads + w.h0 + r % QH) * P.splits + w.split) * (HEAD_DIM + 2u);
+    let split = P.split0 + w.split;
+    return (((w.q0 + r / QH) * P.q_heads + w.h0 + r % QH) * P.partial_splits + split) * (HEAD_DIM + 2u);
+}
+
+// Block of key t within the bound window of the pools; P.blocks or more when the
+// key lies outside it (below the window the subtraction wraps).
+fn window_block(table_offset: u32, t: u32) -> u32 {
+    return tables[table_offset + t / BLOCK_SIZE] - P.block0;
+}
+
+// Pool row of key t for kv head kvh within the window; a key outside the window
+// reads the window's first row instead (and must be masked by the caller).
+fn kv_addr(table_offset: u32, kvh: u32, t: u32) -> u32 {
+    var b = window_block(table_offset, t);
+    if (b >= P.blocks) {
+        b = 0u;
+    }
+    return (b * P.kv_heads + kvh) * BLOCK_SIZE + t % BLOCK_SIZE;
 }

@@ -6,7 +6,11 @@ struct AppendParams {
     tokens: u32,
     kv_heads: u32,
     block_size: u32,
-    capacity: u32, // num_blocks * block_size: slots at or past it are skipped
+    capacity: u32, // slots in the bound window of the pool: others are skipped
+    slot0: u32,    // first slot of the window (src/wgpu/windows.rs)
+    slots_base: u32, // where the slots start in `slots`, in words
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> P: AppendParams;
@@ -48,7 +52,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     if (r >= P.tokens * P.kv_heads) {
         return;
     }
-    let slot = slots[r / P.kv_heads];
+    let slot = slots[P.slots_base + r / P.kv_heads] - P.slot0; // below the window: wraps past it
     if (slot >= P.capacity) {
         return;
     }

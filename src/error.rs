@@ -111,7 +111,12 @@ pub enum Error {
     #[error("device out of memory: {0}")]
     OutOfMemory(String),
 
-    /// The device was lost or reported an error (validation, driver).
+    /// The device was lost (removed, reset, destroyed): every later call on the
+    /// backend answers this; its caches must be rebuilt on a new one.
+    #[error("device lost: {0}")]
+    DeviceLost(String),
+
+    /// The device reported an error (validation, driver).
     #[error("device error: {0}")]
     Device(String),
 }

@@ -12,7 +12,10 @@
 //! * once A is truncated below the bad token, A's outputs are bit-identical again
 //!   (the stale row past its end is never read), and so are those of a sequence D
 //!   that reuses A's block after A is freed;
+//! * A's queries before the bad token are bit-identical too (causality);
 //!
+//! with both wgpu attention kernels (head_dim 64: `attention_lanes.wgsl` on
+//! llvmpipe, and `attention.wgsl`),
 //! and it reports (stderr) what each backend stores for the bad elements and what
 //! A's own outputs become. A backend that refuses the batch (the CPU reference's
 //! immediate encoder can scan its memory) must refuse it with `Error::NonFinite`
@@ -23,15 +26,16 @@ mod common;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use common::{Rng, backends};
+use common::{Rng, backends, gpu};
 use kvq::cache::PoolLayout;
+use kvq::wgpu::WgpuBackend;
 use kvq::{AttnParams, Backend, CacheConfig, DeviceBuffer, Error, KvCache, KvDtype, SeqId, Tensor};
 
 const LAYERS: usize = 2;
 const KV_HEADS: usize = 2;
 const Q_HEADS: usize = 4;
 const RATIO: usize = Q_HEADS / KV_HEADS;
-const D: usize = 32;
+const D: usize = 64;
 const BLOCK: usize = 16;
 /// Where the bad values go: this layer, this position of sequence A (the first of
 /// the prefill batch, so also its token index in the batch), this KV head.
@@ -537,6 +541,12 @@ fn check_case(
     };
     let (early, late) = (count(0..BAD_POS), count(BAD_POS..PROMPTS[0]));
     let early_same = rows(o, q0, BAD_POS, 0..Q_HEADS) == rows(w, q0, BAD_POS, 0..Q_HEADS);
+    // Causality: queries before the bad token do not see it, whatever it holds.
+    if !early_same {
+        failures.push(format!(
+            "{what}: A's queries before the bad position differ from the clean run"
+        ));
+    }
     let heads_same =
         rows(o, q0, PROMPTS[0], other_heads.clone()) == rows(w, q0, PROMPTS[0], other_heads);
     report += &format!(
@@ -564,7 +574,15 @@ fn check_case(
 fn non_finite_kv_on_the_device_path_stays_in_its_token_and_sequence() {
     let start = std::time::Instant::now();
     let mut failures = Vec::new();
-    for b in backends() {
+    // Both wgpu attention kernels: the one chosen, and the GPU-shaped one.
+    let generic = gpu().map(|g| -> Arc<dyn Backend> {
+        Arc::new(
+            WgpuBackend::open_named(&g.info().name)
+                .unwrap()
+                .without_lanes(),
+        )
+    });
+    for b in backends().into_iter().chain(generic) {
         for (desc, k, v, rotate) in CONFIGS {
             let cfg = config(k, v, rotate);
             let clean = run(&b, cfg, None);

@@ -289,14 +289,18 @@ attention(AttnParams P, AttnShape S, const u32* q, const u32* work, const u32* t
                 l[r] += p;
             }
         }
-        // Weighted V into this lane's dims; each V word dequantized once.
+        // Weighted V into this lane's dims; each V word dequantized once. A row
+        // that may not see the key (weight 0) skips it: 0 x Inf is NaN, and a
+        // non-finite V stored from device input must not reach earlier queries.
 #pragma unroll
         for (int j = 0; j < KB; j++) {
             float p[ROWS];
+            bool seen[ROWS];
 #pragma unroll
             for (int r = 0; r < ROWS; r++) {
+                seen[r] = sc[j * ROWS + r] != 0.f;
                 p[r] = sc[j * ROWS + r] * vf[j].x;
-                if (V_DTYPE == 2) {
+                if (V_DTYPE == 2 && seen[r]) {
                     accm[r] += sc[j * ROWS + r] * vf[j].y;
                 }
             }
@@ -307,6 +311,9 @@ attention(AttnParams P, AttnShape S, const u32* q, const u32* work, const u32* t
                 codes<V_DTYPE>(word(vw[j], wi), c);
 #pragma unroll
                 for (int r = 0; r < ROWS; r++) {
+                    if (!seen[r]) {
+                        continue;
+                    }
 #pragma unroll
                     for (int e = 0; e < per; e++) {
                         acc[r * DL + wi * per + e] = fmaf(p[r], c[e], acc[r * DL + wi * per + e]);

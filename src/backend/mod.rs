@@ -70,8 +70,11 @@ pub enum DeviceType {
 /// Limits that decide what a backend can hold and run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeviceLimits {
-    /// Largest buffer one binding can address, in bytes.
+    /// Largest buffer, in bytes: a pool past it is refused.
     pub max_buffer_bytes: u64,
+    /// Largest range of a buffer one storage binding can address, in bytes: a pool
+    /// past it is bound in windows of whole blocks (DESIGN §2).
+    pub max_binding_bytes: u64,
     /// Workgroup (shared) memory, in bytes.
     pub max_workgroup_storage_bytes: u32,
     /// Invocations per workgroup.

@@ -264,8 +264,9 @@ impl fmt::Display for Probe {
             )?;
             writeln!(
                 f,
-                "      max_buffer={} MiB workgroup_storage={} KiB invocations={} features=[{}]",
+                "      max_buffer={} MiB max_binding={} MiB workgroup_storage={} KiB invocations={} features=[{}]",
                 l.max_buffer_bytes >> 20,
+                l.max_binding_bytes >> 20,
                 l.max_workgroup_storage_bytes >> 10,
                 l.max_invocations_per_workgroup,
                 c.info.features.join(", ")

@@ -55,6 +55,7 @@ impl CpuBackend {
                 driver: format!("kvq {}", env!("CARGO_PKG_VERSION")),
                 limits: DeviceLimits {
                     max_buffer_bytes: isize::MAX as u64,
+                    max_binding_bytes: isize::MAX as u64,
                     max_workgroup_storage_bytes: 0,
                     max_invocations_per_workgroup: 1,
                     max_workgroups_per_dimension: u32::MAX,

@@ -62,6 +62,7 @@ fn rejected(reason: String) -> Candidate {
             driver: String::new(),
             limits: DeviceLimits {
                 max_buffer_bytes: 0,
+                max_binding_bytes: 0,
                 max_workgroup_storage_bytes: 0,
                 max_invocations_per_workgroup: 0,
                 max_workgroups_per_dimension: 0,
@@ -205,6 +206,7 @@ pub fn describe(ordinal: usize) -> Result<BackendInfo> {
         ),
         limits: DeviceLimits {
             max_buffer_bytes: memory as u64,
+            max_binding_bytes: memory as u64,
             max_workgroup_storage_bytes: shared.max(0) as u32,
             max_invocations_per_workgroup: 1024,
             max_workgroups_per_dimension: 65535,

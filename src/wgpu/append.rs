@@ -1,8 +1,10 @@
 //! The per-row kernels' parameters, and the dequantize dispatch
 //! (`shaders/dequantize.wgsl`); appends are recorded by `step.rs`.
 
+use super::bindings::Range;
 use super::pipelines::PipelineKey;
 use super::shaders::Kernel;
+use super::windows::{Window, Windows};
 use super::{ROW_WG, WgpuBackend};
 use crate::backend::{DeviceBuffer, Pool};
 use crate::cache::PoolLayout;
@@ -22,14 +24,20 @@ pub fn dequantize(
         return Ok(());
     }
     let grid = b.rows_grid(rows(tokens, l.kv_heads)?, ROW_WG)?;
+    let windows = Windows::of(b, &[l])?;
+    let (slots, out) = (WgpuBackend::raw(slots)?, WgpuBackend::raw(out)?);
     b.submit(|enc| {
-        b.dispatch(
-            enc,
-            &PipelineKey::rows(Kernel::Dequantize, l),
-            &params(tokens, l),
-            &[slots, &pool.data, &pool.side, out],
-            grid,
-        )
+        for w in windows.iter() {
+            let [data, side] = w.ranges(pool)?;
+            b.dispatch(
+                enc,
+                &PipelineKey::rows(Kernel::Dequantize, l),
+                &params(tokens, l, &w, 0),
+                &[Range::whole(slots), data, side, Range::whole(out)],
+                grid,
+            )?;
+        }
+        Ok(())
     })?;
     Ok(())
 }
@@ -46,13 +54,19 @@ pub fn check_rotation(l: &PoolLayout) -> Result<()> {
     Ok(())
 }
 
-/// `AppendParams` of the per-row kernels for `tokens` rows of a pool laid out as `l`.
-pub fn params(tokens: usize, l: &PoolLayout) -> [u32; 4] {
+/// `AppendParams` of the per-row kernels for `tokens` rows of a pool laid out as `l`,
+/// bound in window `w`, their slots from word `slots_base` of the slots' binding.
+pub fn params(tokens: usize, l: &PoolLayout, w: &Window, slots_base: u32) -> [u32; 8] {
+    let (slot0, capacity) = w.slots(l.block_size);
     [
         tokens as u32,
         l.kv_heads as u32,
         l.block_size as u32,
-        (l.num_blocks * l.block_size) as u32,
+        capacity,
+        slot0,
+        slots_base,
+        0,
+        0,
     ]
 }
 

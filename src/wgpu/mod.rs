@@ -7,11 +7,13 @@
 mod append;
 pub mod attention;
 mod bindings;
+mod health;
 pub mod pipelines;
 mod probe;
 pub mod shaders;
 mod step;
 mod timing;
+mod windows;
 mod workspace;
 
 pub(crate) use probe::probe;
@@ -20,6 +22,7 @@ pub use probe::{check_limits, describe, instance};
 use std::sync::{Mutex, MutexGuard};
 
 use self::bindings::{BindGroups, Created, Range};
+use self::health::Health;
 use self::pipelines::{PipelineKey, Pipelines};
 use self::timing::Timer;
 use self::workspace::Workspaces;
@@ -45,6 +48,8 @@ pub struct WgpuBackend {
     subgroup_size: Option<u32>,
     /// `attention.wgsl`'s register budget per lane ([`crate::attn::work::lane_shape`]).
     lane_floats: u32,
+    /// Largest binding of a pool: pools past it are bound in windows.
+    pool_binding: u64,
     /// Timestamps around every pass, while timing is on.
     timer: Mutex<Option<Timer>>,
     /// Bind groups of recorded dispatches.
@@ -53,6 +58,8 @@ pub struct WgpuBackend {
     workspaces: Workspaces,
     /// Device objects created.
     created: Created,
+    /// Loss and errors the device reported.
+    health: Health,
 }
 
 impl WgpuBackend {
@@ -70,7 +77,9 @@ impl WgpuBackend {
             })
             .await
             .map_err(|e| Error::Device(format!("request_device: {e}")))?;
-        Ok(Self::new(device, queue, &adapter.get_info()))
+        let backend = Self::new(device, queue, &adapter.get_info());
+        backend.health.watch(&backend.device);
+        Ok(backend)
     }
 
     /// [`Self::from_adapter_async`], blocking.
@@ -162,6 +171,7 @@ impl WgpuBackend {
 
     fn new(device: wgpu::Device, queue: wgpu::Queue, adapter: &wgpu::AdapterInfo) -> Self {
         let info = describe(adapter, &device.limits(), device.features());
+        let pool_binding = info.limits.max_binding_bytes;
         let lanes = attention::suits_lanes(adapter, device.features());
         let subgroup_size = device
             .features()
@@ -176,10 +186,12 @@ impl WgpuBackend {
             lanes,
             subgroup_size,
             lane_floats: LANE_FLOATS,
+            pool_binding,
             timer: Mutex::new(None),
             bind_groups: BindGroups::default(),
             workspaces: Workspaces::default(),
             created: Created::default(),
+            health: Health::default(),
         }
     }
 
@@ -202,6 +214,14 @@ impl WgpuBackend {
     /// dims per lane below the default, for tuning on a GPU.
     pub fn with_lane_floats(mut self, floats: u32) -> Self {
         self.lane_floats = floats.clamp(8, LANE_FLOATS);
+        self
+    }
+
+    /// Binds pools in windows of at most `bytes` (within the device's binding limit),
+    /// as it does pools larger than one binding: to test and measure windows on
+    /// small pools.
+    pub fn with_pool_binding_limit(mut self, bytes: u64) -> Self {
+        self.pool_binding = bytes.min(self.info.limits.max_binding_bytes);
         self
     }
 
@@ -268,7 +288,7 @@ impl WgpuBackend {
 
     /// Checks that `bytes` fit one storage binding.
     pub(crate) fn check_binding(&self, bytes: u64) -> Result<()> {
-        let max = self.info.limits.max_buffer_bytes;
+        let max = self.info.limits.max_binding_bytes;
         if bytes > max {
             return Err(Error::DeviceLimit {
                 limit: "max_storage_buffer_binding_size",
@@ -304,7 +324,7 @@ impl WgpuBackend {
         encoder: &mut wgpu::CommandEncoder,
         key: &PipelineKey,
         uniform: &[u32],
-        buffers: &[&DeviceBuffer],
+        buffers: &[Range],
         grid: [u32; 3],
     ) -> Result<()> {
         let pipeline = self.pipelines.get(&self.device, key, &self.created);
@@ -322,9 +342,7 @@ impl WgpuBackend {
             .copy_from_slice(bytemuck::cast_slice(uniform));
         params.unmap();
         let mut ranges = vec![Range::whole(&params)];
-        for b in buffers {
-            ranges.push(Range::whole(Self::raw(b)?));
-        }
+        ranges.extend_from_slice(buffers);
         let group = bindings::create(&self.device, &pipeline.layout, &ranges, &self.created);
         self.pass(encoder, key, &pipeline.pipeline, &group, grid);
         Ok(())
@@ -366,6 +384,24 @@ impl WgpuBackend {
         pass.dispatch_workgroups(grid[0], grid[1], grid[2]);
     }
 
+    /// Runs a call of the [`Backend`] API: none once the device is lost; an error
+    /// the device raised outside error scopes meanwhile fails it; a failure is
+    /// explained by the loss if the device was lost meanwhile. Polls first, so that
+    /// wgpu reports a loss (a lost device is otherwise silent until waited on).
+    fn guarded<T>(&self, call: impl FnOnce() -> Result<T>) -> Result<T> {
+        let _ = self.device.poll(wgpu::PollType::Poll);
+        self.recorded(call)
+    }
+
+    /// [`Self::guarded`] without the poll: for the per-layer records of the device
+    /// path, whose encoder the application submits and waits on.
+    fn recorded<T>(&self, call: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.health.check()?;
+        call()
+            .and_then(|v| self.health.check().map(|()| v))
+            .map_err(|e| self.health.explain(&self.device, e))
+    }
+
     fn timer(&self) -> MutexGuard<'_, Option<Timer>> {
         self.timer.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -387,42 +423,53 @@ impl Backend for WgpuBackend {
     }
 
     fn alloc(&self, words: usize) -> Result<DeviceBuffer> {
-        let bytes = (words.max(1) as u64).saturating_mul(4);
-        self.check_binding(bytes)?;
-        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        self.created.count();
-        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("kvq"),
-            size: bytes,
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_SRC
-                | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        if let Some(e) = pollster::block_on(oom.pop()) {
-            return Err(Error::OutOfMemory(format!("{bytes} bytes: {e}")));
-        }
-        Ok(DeviceBuffer::new(words, buffer))
+        self.guarded(|| {
+            let bytes = (words.max(1) as u64).saturating_mul(4);
+            let max = self.info.limits.max_buffer_bytes;
+            if bytes > max {
+                return Err(Error::DeviceLimit {
+                    limit: "max_buffer_size",
+                    requested: bytes,
+                    max,
+                });
+            }
+            let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+            self.created.count();
+            let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("kvq"),
+                size: bytes,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            if let Some(e) = pollster::block_on(oom.pop()) {
+                return Err(Error::OutOfMemory(format!("{bytes} bytes: {e}")));
+            }
+            Ok(DeviceBuffer::new(words, buffer))
+        })
     }
 
     fn upload(&self, buf: &DeviceBuffer, offset: usize, data: &[u32]) -> Result<()> {
-        buf.check_range("upload end", offset, data.len())?;
-        if !data.is_empty() {
-            self.queue.write_buffer(
-                Self::raw(buf)?,
-                offset as u64 * 4,
-                bytemuck::cast_slice(data),
-            );
-        }
-        Ok(())
+        self.guarded(|| {
+            buf.check_range("upload end", offset, data.len())?;
+            if !data.is_empty() {
+                self.queue.write_buffer(
+                    Self::raw(buf)?,
+                    offset as u64 * 4,
+                    bytemuck::cast_slice(data),
+                );
+            }
+            Ok(())
+        })
     }
 
     fn download(&self, buf: &DeviceBuffer, offset: usize, len: usize) -> Result<Vec<u32>> {
-        pollster::block_on(self.download_async(buf, offset, len))
+        self.guarded(|| pollster::block_on(self.download_async(buf, offset, len)))
     }
 
     fn prepare(&self, step: &Step<'_>) -> Result<Prepared> {
-        step::prepare(self, step)
+        self.guarded(|| step::prepare(self, step))
     }
 
     fn record_append(
@@ -433,7 +480,7 @@ impl Backend for WgpuBackend {
         k: &Tensor<'_>,
         v: &Tensor<'_>,
     ) -> Result<()> {
-        step::record_append(self, enc, step, pools, k, v)
+        self.recorded(|| step::record_append(self, enc, step, pools, k, v))
     }
 
     fn record_attention(
@@ -444,12 +491,14 @@ impl Backend for WgpuBackend {
         q: &Tensor<'_>,
         out: &Tensor<'_>,
     ) -> Result<()> {
-        step::record_attention(self, enc, step, pools, q, out)
+        self.recorded(|| step::record_attention(self, enc, step, pools, q, out))
     }
 
     fn run(&self, record: &mut dyn FnMut(&mut Encoder<'_>) -> Result<()>) -> Result<()> {
-        self.submit(|enc| record(&mut Encoder::Wgpu(enc)))?;
-        Ok(())
+        self.guarded(|| {
+            self.submit(|enc| record(&mut Encoder::Wgpu(enc)))?;
+            Ok(())
+        })
     }
 
     fn dequantize(
@@ -459,31 +508,43 @@ impl Backend for WgpuBackend {
         tokens: usize,
         out: &DeviceBuffer,
     ) -> Result<()> {
-        append::dequantize(self, pool, slots, tokens, out)
+        self.guarded(|| append::dequantize(self, pool, slots, tokens, out))
     }
 
     fn stream(&self, src: &DeviceBuffer, words: usize) -> Result<()> {
-        src.check_range("stream", 0, words)?;
-        let groups = (self.info.limits.max_workgroups_per_dimension).min(1024);
-        let sink = self.alloc(groups as usize * 64)?;
-        let key = PipelineKey {
-            kernel: shaders::Kernel::Stream,
-            constants: Vec::new(),
-        };
-        let index = self.submit(|enc| {
-            self.dispatch(
-                enc,
-                &key,
-                &[words as u32, 0, 0, 0],
-                &[src, &sink],
-                [groups, 1, 1],
-            )
-        })?;
-        self.wait(Some(index))
+        self.guarded(|| {
+            src.check_range("stream", 0, words)?;
+            let groups = (self.info.limits.max_workgroups_per_dimension).min(1024);
+            let sink = self.alloc(groups as usize * 64)?;
+            let key = PipelineKey {
+                kernel: shaders::Kernel::Stream,
+                constants: Vec::new(),
+            };
+            // Past one binding, in windows of whole 256-byte lines (aligned offsets).
+            let window = (self.info.limits.max_binding_bytes / 256 * 64) as usize;
+            let (src, sink) = (Self::raw(src)?, Self::raw(&sink)?);
+            let index = self.submit(|enc| {
+                for start in (0..words.max(1)).step_by(window.max(64)) {
+                    let n = (words - start).min(window);
+                    let offset = start as u64 * 4;
+                    let bytes = (n as u64 * 4).max(16).min(src.size() - offset);
+                    let range = Range::new(src, offset, bytes);
+                    self.dispatch(
+                        enc,
+                        &key,
+                        &[n as u32, 0, 0, 0],
+                        &[range, Range::whole(sink)],
+                        [groups, 1, 1],
+                    )?;
+                }
+                Ok(())
+            })?;
+            self.wait(Some(index))
+        })
     }
 
     fn synchronize(&self) -> Result<()> {
-        pollster::block_on(self.synchronize_async())
+        self.guarded(|| pollster::block_on(self.synchronize_async()))
     }
 
     fn creations(&self) -> u64 {
@@ -499,9 +560,9 @@ impl Backend for WgpuBackend {
     }
 
     fn take_device_time(&self) -> Result<Option<std::time::Duration>> {
-        match self.timer().as_mut() {
+        self.guarded(|| match self.timer().as_mut() {
             Some(timer) => timer.take(&self.device),
             None => Ok(None),
-        }
+        })
     }
 }

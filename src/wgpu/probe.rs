@@ -115,7 +115,8 @@ pub fn describe(info: &wgpu::AdapterInfo, l: &wgpu::Limits, f: wgpu::Features) -
             .trim()
             .to_string(),
         limits: DeviceLimits {
-            max_buffer_bytes: l.max_storage_buffer_binding_size.min(l.max_buffer_size),
+            max_buffer_bytes: l.max_buffer_size,
+            max_binding_bytes: l.max_storage_buffer_binding_size.min(l.max_buffer_size),
             max_workgroup_storage_bytes: l.max_compute_workgroup_storage_size,
             max_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
             max_workgroups_per_dimension: l.max_compute_workgroups_per_dimension,

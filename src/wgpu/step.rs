@@ -8,6 +8,7 @@ use super::attention::{Partition, partition};
 use super::bindings::Range;
 use super::pipelines::PipelineKey;
 use super::shaders::Kernel;
+use super::windows::{Window, Windows};
 use super::workspace::{UNIFORM_BLOCK, Workspace, lease};
 use super::{NAME, ROW_WG, WgpuBackend};
 use crate::backend::lease::Lease;
@@ -18,20 +19,27 @@ use crate::{Error, Result};
 #[derive(Debug)]
 pub(crate) struct WgpuStep {
     lease: Lease<Workspace>,
-    /// (offset, bytes) of the append slots, the sequence records and work items,
-    /// and the block tables in the workspace's `meta` buffer.
-    slots: (u64, u64),
-    work: (u64, u64),
-    tables: (u64, u64),
+    /// Bytes of records in the workspace's `meta` buffer: the append slots, the
+    /// sequence records and work items, the block tables. Kernels bind the buffer
+    /// whole, so that their bind groups stay the same from step to step, and find
+    /// the regions at offsets given in their parameters.
+    meta: u64,
     /// Grid of the append kernel.
     append_grid: [u32; 3],
     attention: Option<Partition>,
+    /// How the pools are bound: append and attention run once per window.
+    windows: Windows,
 }
 
-/// Uniform blocks in the workspace.
-const ATTENTION_UNIFORM: u64 = 0;
-const REDUCE_UNIFORM: u64 = UNIFORM_BLOCK;
-const APPEND_UNIFORM: u64 = 2 * UNIFORM_BLOCK;
+/// Uniform blocks in the workspace: the reduce pass's, then attention's and
+/// append's for each window.
+const REDUCE_UNIFORM: u64 = 0;
+fn attention_uniform(w: &Window) -> u64 {
+    (1 + 2 * w.index as u64) * UNIFORM_BLOCK
+}
+fn append_uniform(w: &Window) -> u64 {
+    (2 + 2 * w.index as u64) * UNIFORM_BLOCK
+}
 
 pub fn prepare(b: &WgpuBackend, step: &Step<'_>) -> Result<Prepared> {
     step.check()?;
@@ -43,40 +51,67 @@ pub fn prepare(b: &WgpuBackend, step: &Step<'_>) -> Result<Prepared> {
         Some(partition(b, step)?)
     };
     let append_grid = b.rows_grid(rows(step.slots.len(), step.k.kv_heads)?, ROW_WG)?;
+    let windows = Windows::of(b, &[step.k, step.v])?;
+    let count = windows.count();
 
     // The records, each region at the device's storage offset alignment.
     let align = b.device.limits().min_storage_buffer_offset_alignment as u64;
     let work = attention.as_ref().map_or(&[][..], |a| &a.work);
     let records = step.records(work, align);
     let meta = records.words.len() as u64 * 4;
-    let partial = attention.as_ref().map_or(0, |a| a.partial_words as u64 * 4);
+    // Each window's partials follow the last's: splits x windows per row.
+    let partial = attention
+        .as_ref()
+        .map_or(0, |a| (a.partial_words * count) as u64 * 4);
     b.check_binding(meta)?;
     b.check_binding(partial)?;
-    let lease = lease(&b.workspaces, &b.device, meta, partial, &b.created)?;
+    let uniform_bytes = (1 + 2 * count as u64) * UNIFORM_BLOCK;
+    let lease = lease(
+        &b.workspaces,
+        &b.device,
+        [meta, partial, uniform_bytes],
+        &b.created,
+    )?;
     let ws = lease.get();
     if meta > 0 {
         b.queue
             .write_buffer(&ws.meta, 0, bytemuck::cast_slice(&records.words));
     }
-    let mut uniform = [0u32; 3 * UNIFORM_BLOCK as usize / 4];
+    let mut uniform = vec![0u32; uniform_bytes as usize / 4];
+    let at = |offset: u64| offset as usize / 4;
     if let Some(a) = &attention {
-        uniform[..12].copy_from_slice(&a.uniform);
-        let r = REDUCE_UNIFORM as usize / 4;
-        uniform[r..r + 4].copy_from_slice(&a.reduce_uniform);
+        let [rows, splits, ..] = a.reduce_uniform;
+        let r = at(REDUCE_UNIFORM);
+        uniform[r..r + 4].copy_from_slice(&[rows, splits * count as u32, 0, 0]);
     }
-    let a = APPEND_UNIFORM as usize / 4;
-    uniform[a..a + 4].copy_from_slice(&params(step.slots.len(), step.k));
+    for w in windows.iter() {
+        if let Some(a) = &attention {
+            let splits = a.reduce_uniform[1];
+            let u = at(attention_uniform(&w));
+            uniform[u..u + 12].copy_from_slice(&a.uniform);
+            uniform[u + 10..u + 16].copy_from_slice(&[
+                w.block0 as u32,
+                w.blocks as u32,
+                w.index as u32 * splits,
+                count as u32 * splits,
+                at(records.work.0) as u32,
+                at(records.tables.0) as u32,
+            ]);
+        }
+        let u = at(append_uniform(&w));
+        let slots_base = at(records.slots.0) as u32;
+        uniform[u..u + 8].copy_from_slice(&params(step.slots.len(), step.k, &w, slots_base));
+    }
     b.queue
         .write_buffer(&ws.uniform, 0, bytemuck::cast_slice(&uniform));
     Ok(Prepared::new(
         step,
         WgpuStep {
             lease,
-            slots: records.slots,
-            work: records.work,
-            tables: records.tables,
+            meta,
             append_grid,
             attention,
+            windows,
         },
     ))
 }
@@ -99,19 +134,16 @@ pub fn record_append(
         return Ok(());
     }
     let ws = st.lease.get();
-    let uniform = Range::new(&ws.uniform, APPEND_UNIFORM, 16);
-    let slots = b.rest(&ws.meta, st.slots);
-    for ((pool, src), t) in [pools.0, pools.1].into_iter().zip(sources).zip([k, v]) {
-        let key = PipelineKey::rows(Kernel::QuantizeAppend, &pool.layout)
-            .with("SRC_F16", (t.elem == Elem::F16) as u32);
-        let ranges = [
-            uniform.clone(),
-            src,
-            slots.clone(),
-            Range::whole(WgpuBackend::raw(&pool.data)?),
-            Range::whole(WgpuBackend::raw(&pool.side)?),
-        ];
-        b.record(enc, &key, &ranges, st.append_grid);
+    let slots = b.rest(&ws.meta, (0, st.meta));
+    for w in st.windows.iter() {
+        let uniform = Range::new(&ws.uniform, append_uniform(&w), 32);
+        for ((pool, src), t) in [pools.0, pools.1].into_iter().zip(&sources).zip([k, v]) {
+            let key = PipelineKey::rows(Kernel::QuantizeAppend, &pool.layout)
+                .with("SRC_F16", (t.elem == Elem::F16) as u32);
+            let [data, side] = w.ranges(pool)?;
+            let ranges = [uniform.clone(), src.clone(), slots.clone(), data, side];
+            b.record(enc, &key, &ranges, st.append_grid);
+        }
     }
     Ok(())
 }
@@ -134,25 +166,28 @@ pub fn record_attention(
         return Ok(());
     };
     let ws = st.lease.get();
-    let partial = b.rest(&ws.partial, (0, a.partial_words as u64 * 4));
-    let raw = WgpuBackend::raw;
-    let (kp, vp) = pools;
-    let ranges = [
-        Range::new(&ws.uniform, ATTENTION_UNIFORM, 48),
-        q_range,
-        b.rest(&ws.meta, st.work),
-        b.rest(&ws.meta, st.tables),
-        Range::whole(raw(&kp.data)?),
-        Range::whole(raw(&kp.side)?),
-        Range::whole(raw(&vp.data)?),
-        Range::whole(raw(&vp.side)?),
-        partial.clone(),
-    ];
+    let bytes = (a.partial_words * st.windows.count()) as u64 * 4;
+    let partial = b.rest(&ws.partial, (0, bytes));
     let key = a
         .attention
         .clone()
         .with("Q_F16", (q.elem == Elem::F16) as u32);
-    b.record(enc, &key, &ranges, a.grid);
+    for w in st.windows.iter() {
+        let [k_data, k_side] = w.ranges(pools.0)?;
+        let [v_data, v_side] = w.ranges(pools.1)?;
+        let ranges = [
+            Range::new(&ws.uniform, attention_uniform(&w), 64),
+            q_range.clone(),
+            b.rest(&ws.meta, (0, st.meta)),
+            b.rest(&ws.meta, (0, st.meta)),
+            k_data,
+            k_side,
+            v_data,
+            v_side,
+            partial.clone(),
+        ];
+        b.record(enc, &key, &ranges, a.grid);
+    }
     let key = a
         .reduce
         .clone()
@@ -167,11 +202,11 @@ pub fn record_attention(
 }
 
 impl WgpuBackend {
-    /// A workspace region bound from its start to the end of its buffer (within
+    /// A region of a buffer bound from its start to the end of the buffer (within
     /// one binding), so that the binding, and the cached bind group, stay the same
     /// while the region grows from step to step.
     fn rest(&self, buffer: &wgpu::Buffer, (offset, bytes): (u64, u64)) -> Range {
-        let max = self.info.limits.max_buffer_bytes.max(bytes);
+        let max = self.info.limits.max_binding_bytes.max(bytes);
         Range::new(buffer, offset, (buffer.size() - offset).min(max))
     }
 }
@@ -187,7 +222,8 @@ fn wgpu_encoder<'a, 'b>(enc: &'a mut Encoder<'b>) -> Result<&'a mut wgpu::Comman
 
 /// The binding of `n` elements of `t`, checked: this backend's buffer, usable as
 /// storage, offset at the device's alignment, size within the buffer and within
-/// one binding.
+/// one binding. It binds the buffer from the offset on (as far as one binding
+/// reaches), so that steps of other sizes on the same tensors reuse the bind group.
 fn tensor_range(b: &WgpuBackend, t: &Tensor<'_>, what: &'static str, n: usize) -> Result<Range> {
     let limits = b.device.limits();
     let bytes = t.check(what, n, limits.min_storage_buffer_offset_alignment as u64)?;
@@ -198,5 +234,5 @@ fn tensor_range(b: &WgpuBackend, t: &Tensor<'_>, what: &'static str, n: usize) -
         )));
     }
     b.check_binding(bytes)?;
-    Ok(Range::new(buffer, t.offset, bytes))
+    Ok(b.rest(buffer, (t.offset, bytes)))
 }

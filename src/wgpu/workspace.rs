@@ -10,7 +10,8 @@ use crate::backend::lease::{FreeList, Lease, grow};
 const MIN_BYTES: u64 = 64 << 10;
 
 /// Bytes of each uniform block (the largest `min_uniform_buffer_offset_alignment`
-/// WebGPU allows): attention's parameters, then the reduce pass's, then append's.
+/// WebGPU allows): the reduce pass's parameters, then attention's and append's for
+/// each window of the pools (`step.rs`).
 pub const UNIFORM_BLOCK: u64 = 256;
 
 /// Buffers one prepared step uses (handles: cloning shares them).
@@ -20,23 +21,24 @@ pub struct Workspace {
     pub meta: wgpu::Buffer,
     /// Split-K partials (read-write).
     pub partial: wgpu::Buffer,
-    /// Three uniform blocks.
+    /// Uniform blocks.
     pub uniform: wgpu::Buffer,
 }
 
 /// Free workspaces of one device.
 pub type Workspaces = FreeList<Workspace>;
 
-/// A workspace with at least `meta` and `partial` bytes, from `free`: one that fits,
-/// else a free one (or a new one) with its short buffers grown.
+/// A workspace with at least `meta`, `partial` and `uniform` bytes, from `free`: one
+/// that fits, else a free one (or a new one) with its short buffers grown.
 pub fn lease(
     free: &Workspaces,
     device: &wgpu::Device,
-    meta: u64,
-    partial: u64,
+    [meta, partial, uniform]: [u64; 3],
     created: &Created,
 ) -> Result<Lease<Workspace>> {
-    let fits = |w: &Workspace| w.meta.size() >= meta && w.partial.size() >= partial;
+    let fits = |w: &Workspace| {
+        w.meta.size() >= meta && w.partial.size() >= partial && w.uniform.size() >= uniform
+    };
     let buffer = |have: Option<&wgpu::Buffer>, need: u64, label, usage| {
         grow(have, wgpu::Buffer::size, need, MIN_BYTES, |size| {
             created.count();
@@ -65,7 +67,7 @@ pub fn lease(
             )?,
             uniform: buffer(
                 old.as_ref().map(|w| &w.uniform),
-                3 * UNIFORM_BLOCK,
+                uniform,
                 "kvq step uniforms",
                 wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
             )?,
