@@ -18,8 +18,10 @@
 // online softmax and adds its dims of V. Slots keep their own running max and sum
 // and are merged once, at the end. src/wgpu/attention.rs chooses DL, KT and KB.
 
-override K_DTYPE: u32 = 1u; // 0 F16, 1 Int8, 2 Int4
+override K_DTYPE: u32 = 1u; // packing: 0 16-bit pairs, 1 bytes + scale, 2 Int4 (common.wgsl)
 override V_DTYPE: u32 = 1u;
+override K_CODE: u32 = 0u;  // format within it: 0 F16 / Int8, 1 BF16 / FP8 E4M3, 2 FP8 E5M2
+override V_CODE: u32 = 0u;
 override HEAD_DIM: u32 = 128u;
 override K_GROUP: u32 = 32u;
 override V_GROUP: u32 = 32u;
@@ -124,13 +126,13 @@ fn qk(j: u32) {
     for (var w = 0u; w < K_LW; w++) {
         let word = kw[j][w];
         if (K_DTYPE == 0u) {
-            let c = unpack2x16float(word);
+            let c = pair_values(word, K_CODE);
             for (var r = 0u; r < ROWS; r++) {
                 let o = r * DL + 2u * w;
                 s[r] += qr[o] * c.x + qr[o + 1u] * c.y;
             }
         } else if (K_DTYPE == 1u) {
-            let c = int8_codes(word);
+            let c = byte_values(word, K_CODE);
             for (var r = 0u; r < ROWS; r++) {
                 s[r] += dot(q4(r * DL + 4u * w), c);
             }
@@ -203,7 +205,7 @@ fn pv(j: u32) {
     for (var w = 0u; w < V_LW; w++) {
         let word = vw[j][w];
         if (V_DTYPE == 0u) {
-            let c = unpack2x16float(word);
+            let c = pair_values(word, V_CODE);
             for (var r = 0u; r < ROWS; r++) {
                 if (seen[r]) {
                     let o = r * DL + 2u * w;
@@ -212,7 +214,7 @@ fn pv(j: u32) {
                 }
             }
         } else if (V_DTYPE == 1u) {
-            let c = int8_codes(word);
+            let c = byte_values(word, V_CODE);
             for (var r = 0u; r < ROWS; r++) {
                 if (seen[r]) {
                     axpy4(r * DL + 4u * w, p[r], c);

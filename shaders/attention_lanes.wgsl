@@ -18,8 +18,10 @@
 // array stay loops: the unrolled code already outgrows the instruction cache, and
 // unrolling the 8 keys of p . V as well measured slower (and compiled longer).
 
-override K_DTYPE: u32 = 1u; // 0 F16, 1 Int8, 2 Int4
+override K_DTYPE: u32 = 1u; // packing: 0 16-bit pairs, 1 bytes + scale, 2 Int4 (common.wgsl)
 override V_DTYPE: u32 = 1u;
+override K_CODE: u32 = 0u;  // format within it: 0 F16 / Int8, 1 BF16 / FP8 E4M3, 2 FP8 E5M2
+override V_CODE: u32 = 0u;
 override HEAD_DIM: u32 = 128u; // a multiple of 64, at most 256 (lanes_fit)
 override K_GROUP: u32 = 32u;
 override V_GROUP: u32 = 32u;
@@ -129,11 +131,11 @@ fn qk_chunk(base: u32, side: u32, c: u32) {
     }
     let w = k_data[base + c];
     if (K_DTYPE == 0u) {
-        dot8(c * 8u, vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)),
-             vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w)));
+        dot8(c * 8u, vec4<f32>(pair_values(w.x, K_CODE), pair_values(w.y, K_CODE)),
+             vec4<f32>(pair_values(w.z, K_CODE), pair_values(w.w, K_CODE)));
     } else if (K_DTYPE == 1u) {
-        dot8(c * 16u, int8_codes(w.x), int8_codes(w.y));
-        dot8(c * 16u + 8u, int8_codes(w.z), int8_codes(w.w));
+        dot8(c * 16u, byte_values(w.x, K_CODE), byte_values(w.y, K_CODE));
+        dot8(c * 16u + 8u, byte_values(w.z, K_CODE), byte_values(w.w, K_CODE));
     } else {
         int4_word(c * 32u, w.x, side);
         int4_word(c * 32u + 8u, w.y, side);
@@ -199,9 +201,9 @@ fn axpy4(e: u32, x: vec4<f32>, f: f32) {
 // Word w of this lane's V slice, holding dims w * (32 / bits) onwards.
 fn pv_word(w: u32, word: u32, f: vec2<f32>) {
     if (V_DTYPE == 0u) {
-        axpy2(2u * w, unpack2x16float(word));
+        axpy2(2u * w, pair_values(word, V_CODE));
     } else if (V_DTYPE == 1u) {
-        axpy4(4u * w, int8_codes(word), f.x);
+        axpy4(4u * w, byte_values(word, V_CODE), f.x);
     } else {
         axpy4(8u * w, int4_codes(word, 0u), f.x);
         axpy4(8u * w + 4u, int4_codes(word, 16u), f.x);

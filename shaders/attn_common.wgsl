@@ -44,12 +44,6 @@ struct SeqInfo {
     q_len: u32,
 }
 
-// The four signed Int8 codes of a word, low byte first (DESIGN §1).
-fn int8_codes(word: u32) -> vec4<f32> {
-    let w = bitcast<i32>(word);
-    return vec4<f32>(vec4<i32>(w << 24u, w << 16u, w << 8u, w) >> vec4<u32>(24u));
-}
-
 // Four Int4 codes of a word, from bit `shift` (0: codes 0-3, 16: codes 4-7).
 fn int4_codes(word: u32, shift: u32) -> vec4<f32> {
     return vec4<f32>((vec4<u32>(word) >> vec4<u32>(shift, shift + 4u, shift + 8u, shift + 12u)) & vec4<u32>(15u));

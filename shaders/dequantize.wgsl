@@ -20,7 +20,8 @@ struct DequantParams {
 @group(0) @binding(3) var<storage, read> side: array<u32>;
 @group(0) @binding(4) var<storage, read_write> dst: array<f32>; // [tokens, kv_heads, HEAD_DIM]
 
-override DTYPE: u32 = 1u;
+override DTYPE: u32 = 1u; // packing and format as quantize_append.wgsl
+override CODE: u32 = 0u;
 override HEAD_DIM: u32 = 128u;
 override GROUP: u32 = 32u;
 override ROTATE: u32 = 0u;
@@ -43,10 +44,9 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let row = pool_row(slot, r % P.kv_heads, P.kv_heads, P.block_size);
     for (var i = 0u; i < HEAD_DIM; i++) {
         if (DTYPE == 0u) {
-            x[i] = f16_value(data[row * (HEAD_DIM / 2u) + i / 2u] >> (16u * (i % 2u)));
+            x[i] = pair_values(data[row * (HEAD_DIM / 2u) + i / 2u], CODE)[i % 2u];
         } else if (DTYPE == 1u) {
-            let byte = (data[row * (HEAD_DIM / 4u) + i / 4u] >> (8u * (i % 4u))) & 0xffu;
-            x[i] = f32((i32(byte) << 24u) >> 24u) * bitcast<f32>(side[row]);
+            x[i] = byte_values(data[row * (HEAD_DIM / 4u) + i / 4u], CODE)[i % 4u] * bitcast<f32>(side[row]);
         } else {
             let s = side[row * (HEAD_DIM / GROUP) + i / GROUP];
             let q = (data[row * (HEAD_DIM / 8u) + i / 8u] >> (4u * (i % 8u))) & 0xfu;

@@ -19,7 +19,8 @@ struct AppendParams {
 @group(0) @binding(3) var<storage, read_write> data: array<u32>;
 @group(0) @binding(4) var<storage, read_write> side: array<u32>;
 
-override DTYPE: u32 = 1u; // 0 F16, 1 Int8, 2 Int4
+override DTYPE: u32 = 1u; // packing: 0 16-bit pairs, 1 bytes + scale, 2 Int4 (common.wgsl)
+override CODE: u32 = 0u;  // format within it: 0 F16 / Int8, 1 BF16 / FP8 E4M3, 2 FP8 E5M2
 override HEAD_DIM: u32 = 128u;
 override GROUP: u32 = 32u; // Int4 only
 override ROTATE: u32 = 0u; // 1: Walsh–Hadamard rotate before quantizing
@@ -76,7 +77,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
 fn append_f16(row: u32, x0: u32) {
     let words = HEAD_DIM / 2u;
     for (var w = 0u; w < words; w++) {
-        data[row * words + w] = f16_bits(x_at(x0, 2u * w)) | (f16_bits(x_at(x0, 2u * w + 1u)) << 16u);
+        data[row * words + w] = half_bits(x_at(x0, 2u * w), CODE) | (half_bits(x_at(x0, 2u * w + 1u), CODE) << 16u);
     }
 }
 
@@ -85,15 +86,21 @@ fn append_int8(row: u32, x0: u32) {
     for (var i = 0u; i < HEAD_DIM; i++) {
         absmax = max(absmax, abs(x_at(x0, i)));
     }
-    let scale = absmax / 127.0;
+    let scale = absmax / byte_max(CODE);
     side[row] = bitcast<u32>(scale);
     let words = HEAD_DIM / 4u;
     for (var w = 0u; w < words; w++) {
         var word = 0u;
         if (scale != 0.0) {
             for (var j = 0u; j < 4u; j++) {
-                let q = clamp(round(x_at(x0, 4u * w + j) / scale), -127.0, 127.0);
-                word |= (u32(i32(q)) & 0xffu) << (8u * j);
+                let y = x_at(x0, 4u * w + j) / scale;
+                var c: u32;
+                if (CODE == 0u) {
+                    c = u32(i32(clamp(round(y), -127.0, 127.0))) & 0xffu;
+                } else {
+                    c = fp8_bits(y, CODE);
+                }
+                word |= c << (8u * j);
             }
         }
         data[row * words + w] = word;

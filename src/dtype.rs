@@ -10,8 +10,17 @@ use crate::{Error, Result};
 pub enum KvDtype {
     /// IEEE binary16, two per u32 (element 2i in the low half).
     F16,
+    /// bfloat16 (the upper half of an f32, rounded to nearest even), two per u32
+    /// (element 2i in the low half).
+    Bf16,
     /// Symmetric signed 8-bit codes, four per u32, plus one f32 scale.
     Int8,
+    /// OCP FP8 E4M3 (bias 7, no infinities, largest 448), four per u32 (element 4i
+    /// in the lowest byte), of `x / scale` with one f32 `scale = absmax / 448`.
+    Fp8E4M3,
+    /// OCP FP8 E5M2 (bias 15, largest finite 57344), four per u32, of `x / scale`
+    /// with one f32 `scale = absmax / 57344`.
+    Fp8E5M2,
     /// Asymmetric unsigned 4-bit codes, eight per u32, plus one (f16 scale, f16 min)
     /// u32 per `group` elements.
     Int4 {
@@ -50,18 +59,14 @@ impl KvDtype {
 
     /// u32 words of codes per (token, head).
     pub fn words_per_head(&self, head_dim: usize) -> usize {
-        match self {
-            KvDtype::F16 => head_dim / 2,
-            KvDtype::Int8 => head_dim / 4,
-            KvDtype::Int4 { .. } => head_dim / 8,
-        }
+        head_dim / self.per_word() as usize
     }
 
     /// u32 words of side data (scales, mins) per (token, head).
     pub fn side_words_per_head(&self, head_dim: usize) -> usize {
         match *self {
-            KvDtype::F16 => 0,
-            KvDtype::Int8 => 1,
+            KvDtype::F16 | KvDtype::Bf16 => 0,
+            KvDtype::Int8 | KvDtype::Fp8E4M3 | KvDtype::Fp8E5M2 => 1,
             KvDtype::Int4 { group } => head_dim / group.max(1) as usize,
         }
     }
@@ -86,13 +91,36 @@ impl KvDtype {
         self.bits_per_element(head_dim) / 32.0
     }
 
-    /// Small integer tag used by kernels and pipeline keys.
+    /// Codes per u32 word: 2, 4 or 8.
+    pub fn per_word(&self) -> u32 {
+        2 << self.tag()
+    }
+
+    /// How kernels unpack a word (their `*_DTYPE`): 0, two 16-bit values (F16,
+    /// BF16); 1, four bytes times one f32 scale (Int8, FP8); 2, eight Int4 codes
+    /// with a (scale, min) per group.
     pub(crate) fn tag(&self) -> u32 {
         match self {
-            KvDtype::F16 => 0,
-            KvDtype::Int8 => 1,
+            KvDtype::F16 | KvDtype::Bf16 => 0,
+            KvDtype::Int8 | KvDtype::Fp8E4M3 | KvDtype::Fp8E5M2 => 1,
             KvDtype::Int4 { .. } => 2,
         }
+    }
+
+    /// Which format of its packing a code is (kernels' `*_CODE`): F16, Int8 and
+    /// Int4 0; BF16 and FP8 E4M3 1; FP8 E5M2 2.
+    pub(crate) fn code(&self) -> u32 {
+        match self {
+            KvDtype::F16 | KvDtype::Int8 | KvDtype::Int4 { .. } => 0,
+            KvDtype::Bf16 | KvDtype::Fp8E4M3 => 1,
+            KvDtype::Fp8E5M2 => 2,
+        }
+    }
+
+    /// Whether stored values (or side data) are f16, so that inputs past f16's range
+    /// cannot be stored: F16 itself and Int4's f16 scale and min.
+    pub fn f16_bounded(&self) -> bool {
+        matches!(self, KvDtype::F16 | KvDtype::Int4 { .. })
     }
 
     /// Int4 group size; 0 for other dtypes.
@@ -108,7 +136,10 @@ impl fmt::Display for KvDtype {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             KvDtype::F16 => f.write_str("f16"),
+            KvDtype::Bf16 => f.write_str("bf16"),
             KvDtype::Int8 => f.write_str("int8"),
+            KvDtype::Fp8E4M3 => f.write_str("fp8-e4m3"),
+            KvDtype::Fp8E5M2 => f.write_str("fp8-e5m2"),
             KvDtype::Int4 { group: 32 } => f.write_str("int4"),
             KvDtype::Int4 { group } => write!(f, "int4:g{group}"),
         }
@@ -118,12 +149,16 @@ impl fmt::Display for KvDtype {
 impl FromStr for KvDtype {
     type Err = Error;
 
-    /// Parses `f16`, `int8`, `int4` (group 32) or `int4:gN` (N a positive multiple of 8).
+    /// Parses `f16` (or `fp16`), `bf16`, `int8`, `fp8` (= `fp8-e4m3`), `fp8-e5m2`,
+    /// `int4` (group 32) or `int4:gN` (N a positive multiple of 8).
     fn from_str(s: &str) -> Result<Self> {
         let bad = || Error::UnknownDtype(s.to_string());
         match s.trim().to_ascii_lowercase().as_str() {
-            "f16" => Ok(KvDtype::F16),
+            "f16" | "fp16" => Ok(KvDtype::F16),
+            "bf16" => Ok(KvDtype::Bf16),
             "int8" => Ok(KvDtype::Int8),
+            "fp8" | "fp8-e4m3" => Ok(KvDtype::Fp8E4M3),
+            "fp8-e5m2" => Ok(KvDtype::Fp8E5M2),
             "int4" => Ok(KvDtype::Int4 { group: 32 }),
             other => {
                 let n = other.strip_prefix("int4:g").ok_or_else(bad)?;

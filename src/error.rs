@@ -10,7 +10,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// A dtype string that does not parse (`f16`, `int8`, `int4`, `int4:g64`, …).
-    #[error("unknown KV dtype {0:?}: expected f16, int8, int4 or int4:gN (N a multiple of 8)")]
+    #[error(
+        "unknown KV dtype {0:?}: expected f16, bf16, int8, fp8 (fp8-e4m3), fp8-e5m2, int4 or int4:gN (N a multiple of 8)"
+    )]
     UnknownDtype(String),
 
     /// A configuration that cannot describe a cache.

@@ -22,18 +22,25 @@ const KERNEL_MAX_ABS: f64 = 2e-4;
 fn format_nmse(d: KvDtype) -> f64 {
     match d {
         KvDtype::F16 => 1e-6,
+        KvDtype::Bf16 => 1e-4,
         KvDtype::Int8 => 1e-3,
+        KvDtype::Fp8E4M3 => 4e-3,
+        KvDtype::Fp8E5M2 => 1.5e-2,
         KvDtype::Int4 { .. } => 4e-2,
     }
 }
 
-const PAIRS: [(KvDtype, KvDtype); 6] = [
+const PAIRS: [(KvDtype, KvDtype); 10] = [
     (KvDtype::F16, KvDtype::F16),
     (KvDtype::Int8, KvDtype::Int8),
     (KvDtype::Int4 { group: 32 }, KvDtype::Int4 { group: 32 }),
     (KvDtype::Int8, KvDtype::Int4 { group: 32 }),
     (KvDtype::Int4 { group: 64 }, KvDtype::Int8),
     (KvDtype::F16, KvDtype::Int4 { group: 128 }),
+    (KvDtype::Bf16, KvDtype::Fp8E4M3),
+    (KvDtype::Fp8E5M2, KvDtype::Bf16),
+    (KvDtype::Fp8E4M3, KvDtype::Int4 { group: 32 }),
+    (KvDtype::Int8, KvDtype::Fp8E5M2),
 ];
 
 fn name(b: &Arc<dyn Backend>) -> String {
@@ -225,7 +232,14 @@ fn decode_with_rotation() {
 #[test]
 fn hand_worked_case() {
     for b in backends() {
-        for dt in [KvDtype::F16, KvDtype::Int8, KvDtype::Int4 { group: 8 }] {
+        for dt in [
+            KvDtype::F16,
+            KvDtype::Bf16,
+            KvDtype::Int8,
+            KvDtype::Fp8E4M3,
+            KvDtype::Fp8E5M2,
+            KvDtype::Int4 { group: 8 },
+        ] {
             let cfg = CacheConfig::new(1, 1, 8, 16).with_dtypes(dt, dt);
             let mut cache = KvCache::new(b.clone(), cfg).unwrap();
             let s = cache.add_sequence();
@@ -242,7 +256,7 @@ fn hand_worked_case() {
             let want = [1.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
             // Int4 stores 4.0 as 15 * f16(4/15) = 3.99902 (and 2.0 likewise): 1e-3 off.
             let tol = match dt {
-                KvDtype::F16 => 1e-6,
+                KvDtype::F16 | KvDtype::Bf16 | KvDtype::Fp8E4M3 | KvDtype::Fp8E5M2 => 1e-6,
                 KvDtype::Int8 => 1e-5,
                 KvDtype::Int4 { .. } => 2e-3,
             };

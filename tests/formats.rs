@@ -210,9 +210,11 @@ fn parse_rejects_unknown_names() {
         "int4g64",
         "int4:g64:g32",
         "int4:g99999999999",
-        "fp16",
+        "fp32",
         "f32",
-        "bf16",
+        "bf8",
+        "fp8-e3m4",
+        "fp8e4m3",
         "int16",
         "int 8",
         "q8_0",
@@ -690,6 +692,8 @@ fn reference_encode(dtype: KvDtype, x: &[f32]) -> (Vec<u32>, Vec<u32>) {
             }
             (data, side)
         }
+        // Checked against the `half` crate and by exhaustive search (`mod bf16_fp8`).
+        KvDtype::Bf16 | KvDtype::Fp8E4M3 | KvDtype::Fp8E5M2 => unreachable!(),
     }
 }
 
@@ -698,7 +702,7 @@ fn error_bound(dtype: KvDtype, x: &[f32], side: &[u32], e: usize) -> f32 {
     let v = x[e];
     let ulps = |m: f32| 4.0 * f32::EPSILON * m;
     match dtype {
-        KvDtype::F16 => unreachable!(),
+        KvDtype::F16 | KvDtype::Bf16 | KvDtype::Fp8E4M3 | KvDtype::Fp8E5M2 => unreachable!(),
         KvDtype::Int8 => {
             let scale = f32::from_bits(side[0]);
             // Subnormal scales lose relative precision: allow a tiny absolute slack.
@@ -819,6 +823,7 @@ proptest! {
                         let (s, lo) = int4_side(got.1[e / group as usize]);
                         (lo + int4_code(&got.0, e) as f32 * s).to_bits()
                     }
+                    KvDtype::Bf16 | KvDtype::Fp8E4M3 | KvDtype::Fp8E5M2 => unreachable!(),
                 };
                 prop_assert_eq!(b.to_bits(), expect, "{} element {}", dt, e);
             }
@@ -904,4 +909,85 @@ fn rotation_needs_a_power_of_two_head_dim() {
             .validate()
             .is_ok()
     );
+}
+
+/// BF16 and FP8 (DESIGN §1): BF16 against the `half` crate's conversion; FP8
+/// codes are the nearest (ties to even) to `x / scale`, saturating, never NaN or
+/// infinite, with `scale = absmax / largest`.
+mod bf16_fp8 {
+    use super::*;
+    use half::bf16;
+    use kvq::quant::{E4M3, E5M2, Fp8};
+
+    fn fp8(dtype: KvDtype) -> Fp8 {
+        if dtype == KvDtype::Fp8E4M3 {
+            E4M3
+        } else {
+            E5M2
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn bf16_is_round_to_nearest_even(x in vectors()) {
+            let d = x.len();
+            let (data, side) = encode(KvDtype::Bf16, &x);
+            prop_assert!(side.is_empty());
+            for e in 0..d {
+                let bits = (data[e / 2] >> (16 * (e % 2))) & 0xffff;
+                prop_assert_eq!(bits as u16, bf16::from_f32(x[e]).to_bits());
+            }
+            let back = decode(KvDtype::Bf16, &data, &side, d);
+            for e in 0..d {
+                prop_assert_eq!(back[e], bf16::from_f32(x[e]).to_f32());
+            }
+        }
+
+        #[test]
+        fn fp8_codes_are_nearest_and_finite(x in vectors(), e5m2 in any::<bool>()) {
+            let dtype = if e5m2 { KvDtype::Fp8E5M2 } else { KvDtype::Fp8E4M3 };
+            let f = fp8(dtype);
+            let d = x.len();
+            let (data, side) = encode(dtype, &x);
+            let absmax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let scale = absmax / f.max;
+            prop_assert_eq!(side[0], scale.to_bits());
+            let back = decode(dtype, &data, &side, d);
+            for e in 0..d {
+                let c = (data[e / 4] >> (8 * (e % 4))) & 0xff;
+                prop_assert!(c & 0x7f <= f.max_code, "NaN or Inf code {:#x}", c);
+                if scale == 0.0 {
+                    prop_assert_eq!(c, 0);
+                    continue;
+                }
+                // The nearest code to x / scale, by search over every finite code.
+                let y = x[e] / scale;
+                let best = (0..=0xffu32)
+                    .filter(|c| c & 0x7f <= f.max_code)
+                    .map(|c| (f.decode(c) - y).abs())
+                    .fold(f32::INFINITY, f32::min);
+                prop_assert_eq!((f.decode(c) - y).abs(), best, "x {} y {}", x[e], y);
+                prop_assert_eq!(back[e], f.decode(c) * scale);
+            }
+        }
+    }
+
+    #[test]
+    fn names_and_sizes() {
+        for (name, dtype, bits) in [
+            ("bf16", KvDtype::Bf16, 16.0),
+            ("fp8-e4m3", KvDtype::Fp8E4M3, 8.25),
+            ("fp8-e5m2", KvDtype::Fp8E5M2, 8.25),
+        ] {
+            assert_eq!(name.parse::<KvDtype>().unwrap(), dtype);
+            assert_eq!(dtype.to_string(), name);
+            assert_eq!(dtype.bits_per_element(128), bits);
+        }
+        assert_eq!("fp8".parse::<KvDtype>().unwrap(), KvDtype::Fp8E4M3);
+        assert_eq!("fp16".parse::<KvDtype>().unwrap(), KvDtype::F16);
+        assert_eq!(KvDtype::Fp8E4M3.bytes_per_token_head(128), 132);
+        assert_eq!(KvDtype::Bf16.bytes_per_token_head(128), 256);
+    }
 }

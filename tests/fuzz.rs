@@ -66,13 +66,15 @@ const WATCH_Q_HEADS: usize = 2 * KV_HEADS;
 const MAX_VALUES: usize = 1 << 20;
 
 /// Storage formats of the fuzzed caches: (K, V, rotated).
-const FORMATS: [(KvDtype, KvDtype, bool); 6] = [
+const FORMATS: [(KvDtype, KvDtype, bool); 8] = [
     (KvDtype::Int8, KvDtype::Int8, false),
     (KvDtype::Int4 { group: 32 }, KvDtype::Int8, false),
     (KvDtype::F16, KvDtype::Int4 { group: 16 }, false),
     (KvDtype::Int8, KvDtype::Int4 { group: 8 }, true),
     (KvDtype::F16, KvDtype::F16, true),
     (KvDtype::Int4 { group: 64 }, KvDtype::F16, false),
+    (KvDtype::Bf16, KvDtype::Fp8E4M3, false),
+    (KvDtype::Fp8E5M2, KvDtype::Bf16, true),
 ];
 /// (block_size, num_blocks) of the fuzzed caches: 32 to 80 tokens.
 const SHAPES: [(usize, usize); 4] = [(4, 12), (3, 16), (1, 32), (5, 8)];
@@ -991,20 +993,24 @@ fn want_config(c: &CacheConfig) -> Want {
 /// Code and side words of one (token, head) vector.
 fn row_words(dt: KvDtype, d: usize) -> usize {
     match dt {
-        KvDtype::F16 => d / 2,
-        KvDtype::Int8 => d / 4 + 1,
+        KvDtype::F16 | KvDtype::Bf16 => d / 2,
+        KvDtype::Int8 | KvDtype::Fp8E4M3 | KvDtype::Fp8E5M2 => d / 4 + 1,
         KvDtype::Int4 { group } => d / 8 + d / group as usize,
     }
 }
 
-/// What `KvDtype::from_str` should make of `s`: f16, int8, int4 or int4:gN (N a
-/// positive multiple of 8 in plain decimal digits), any case, surrounding space.
+/// What `KvDtype::from_str` should make of `s`: f16 (fp16), bf16, int8, fp8
+/// (fp8-e4m3), fp8-e5m2, int4 or int4:gN (N a positive multiple of 8 in plain
+/// decimal digits), any case, surrounding space.
 fn want_dtype(s: &str) -> Result<KvDtype, Error> {
     let bad = Err(Error::UnknownDtype(s.to_string()));
     let t = s.trim().to_ascii_lowercase();
     match t.as_str() {
-        "f16" => Ok(KvDtype::F16),
+        "f16" | "fp16" => Ok(KvDtype::F16),
+        "bf16" => Ok(KvDtype::Bf16),
         "int8" => Ok(KvDtype::Int8),
+        "fp8" | "fp8-e4m3" => Ok(KvDtype::Fp8E4M3),
+        "fp8-e5m2" => Ok(KvDtype::Fp8E5M2),
         "int4" => Ok(KvDtype::Int4 { group: 32 }),
         _ => {
             let Some(n) = t.strip_prefix("int4:g") else {
@@ -1295,7 +1301,7 @@ impl Model {
     /// A rotated F16 or Int4 pool stores f16 values of each head vector rotated:
     /// the first rotated component past f16's range is refused.
     fn past_f16(&self, what: &'static str, dt: KvDtype, x: &[f32]) -> Option<Want> {
-        if !self.rotate || dt == KvDtype::Int8 {
+        if !self.rotate || !dt.f16_bounded() {
             return None;
         }
         for (i, head) in x.chunks_exact(D).enumerate() {

@@ -367,7 +367,7 @@ fn describe_row(l: &PoolLayout, data: &[u32], side: &[u32], x: &[f32], elems: &[
         );
     }
     match l.dtype {
-        KvDtype::Int8 => {
+        KvDtype::Int8 | KvDtype::Fp8E4M3 | KvDtype::Fp8E5M2 => {
             let _ = write!(s, ", scale {:e}", f32::from_bits(side[0]));
         }
         KvDtype::Int4 { .. } => {
@@ -380,7 +380,7 @@ fn describe_row(l: &PoolLayout, data: &[u32], side: &[u32], x: &[f32], elems: &[
                 .collect();
             let _ = write!(s, ", groups {}", f.join(" "));
         }
-        KvDtype::F16 => {}
+        KvDtype::F16 | KvDtype::Bf16 => {}
     }
     // The host quantizer on the same vector.
     let mut v = x.to_vec();

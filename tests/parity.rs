@@ -14,7 +14,13 @@ use kvq::{Backend, CacheConfig, KvCache, KvDtype};
 const MAX_OFF_BY_ONE_RATE: f64 = 1e-4;
 
 fn dtypes(d: usize) -> Vec<KvDtype> {
-    let mut v = vec![KvDtype::F16, KvDtype::Int8];
+    let mut v = vec![
+        KvDtype::F16,
+        KvDtype::Bf16,
+        KvDtype::Int8,
+        KvDtype::Fp8E4M3,
+        KvDtype::Fp8E5M2,
+    ];
     for g in [8u32, 16, 32, 64, 128] {
         if d % g as usize == 0 {
             v.push(KvDtype::Int4 { group: g });
@@ -26,9 +32,20 @@ fn dtypes(d: usize) -> Vec<KvDtype> {
 /// Code width in bits and code words' layout for comparing element by element.
 fn codes(dtype: KvDtype, words: &[u32]) -> Vec<i32> {
     match dtype {
-        KvDtype::F16 => words
+        KvDtype::F16 | KvDtype::Bf16 => words
             .iter()
             .flat_map(|w| [(w & 0xffff) as i32, (w >> 16) as i32])
+            .collect(),
+        // Sign and magnitude: adjacent magnitudes are adjacent codes.
+        KvDtype::Fp8E4M3 | KvDtype::Fp8E5M2 => words
+            .iter()
+            .flat_map(|w| {
+                (0..4).map(move |i| {
+                    let c = (*w >> (8 * i)) & 0xff;
+                    let m = (c & 0x7f) as i32;
+                    if c & 0x80 != 0 { -m } else { m }
+                })
+            })
             .collect(),
         KvDtype::Int8 => words
             .iter()

@@ -19,7 +19,13 @@ fn bindings(kernel: Kernel) -> usize {
 }
 
 fn dtypes(head_dim: usize) -> Vec<KvDtype> {
-    let mut v = vec![KvDtype::F16, KvDtype::Int8];
+    let mut v = vec![
+        KvDtype::F16,
+        KvDtype::Bf16,
+        KvDtype::Int8,
+        KvDtype::Fp8E4M3,
+        KvDtype::Fp8E5M2,
+    ];
     for g in [8, 16, 32, 64, 128] {
         if head_dim % g == 0 {
             v.push(KvDtype::Int4 { group: g as u32 });

@@ -361,7 +361,7 @@ impl KvCache {
     /// in `x` and rotated value).
     fn check_rotated(&self, what: &'static str, dtype: KvDtype, x: &[f32]) -> Result<()> {
         let d = self.config.head_dim;
-        if !self.config.rotate || dtype == KvDtype::Int8 {
+        if !self.config.rotate || !dtype.f16_bounded() {
             return Ok(());
         }
         // No rotated component exceeds sqrt(d) * max |x| (with room for rounding).

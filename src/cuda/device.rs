@@ -602,8 +602,15 @@ fn device_arch(ordinal: usize) -> Result<&'static str> {
     })
 }
 
-/// The per-row and attention kernels hold a head vector in 256 registers or words.
-fn check_head_dim(l: &PoolLayout) -> Result<()> {
+/// The per-row and attention kernels hold a head vector in 256 registers or words,
+/// and decode F16, Int8 and Int4 (BF16 and FP8 run on wgpu and the CPU reference).
+fn check_layout(l: &PoolLayout) -> Result<()> {
+    if l.dtype.code() != 0 {
+        return Err(Error::Unsupported(format!(
+            "{} pools on CUDA: not yet (f16, int8, int4)",
+            l.dtype
+        )));
+    }
     if l.head_dim > 256 {
         return Err(Error::Unsupported(format!(
             "head_dim {} on CUDA: at most 256",
@@ -706,7 +713,8 @@ impl Backend for CudaBackend {
 
     fn prepare(&self, step: &Step<'_>) -> Result<Prepared> {
         step.check()?;
-        check_head_dim(step.k)?;
+        check_layout(step.k)?;
+        check_layout(step.v)?;
         let attention = match (step.params, step.seqs.is_empty()) {
             (Some(params), false) => Some(self.partition(step, params)?),
             _ => None,
@@ -830,7 +838,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         pool.check_dequantize(slots, tokens, out)?;
         let l = &pool.layout;
-        check_head_dim(l)?;
+        check_layout(l)?;
         if tokens == 0 {
             return Ok(());
         }

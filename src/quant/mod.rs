@@ -3,12 +3,16 @@
 //! Every backend's kernels must produce exactly these codes and side data (GPU codes
 //! may differ by one where `x / scale` lies within a few ulps of a rounding boundary).
 
+mod bf16;
 mod f16;
+pub mod fp8;
 mod int4;
 mod int8;
 mod rotation;
 
+pub use self::bf16::{bf16_bits, bf16_value, dequantize_bf16, quantize_bf16};
 pub use self::f16::{dequantize_f16, quantize_f16};
+pub use fp8::{E4M3, E5M2, Fp8};
 pub use int4::{dequantize_int4, quantize_int4};
 pub use int8::{dequantize_int8, quantize_int8};
 pub use rotation::{hadamard, hadamard_norm};
@@ -42,7 +46,10 @@ pub fn check_finite(what: &'static str, x: &[f32]) -> Result<()> {
 pub fn quantize(dtype: KvDtype, x: &[f32], data: &mut [u32], side: &mut [u32]) {
     match dtype {
         KvDtype::F16 => quantize_f16(x, data),
+        KvDtype::Bf16 => quantize_bf16(x, data),
         KvDtype::Int8 => quantize_int8(x, data, &mut side[0]),
+        KvDtype::Fp8E4M3 => E4M3.quantize(x, data, &mut side[0]),
+        KvDtype::Fp8E5M2 => E5M2.quantize(x, data, &mut side[0]),
         KvDtype::Int4 { group } => quantize_int4(x, group as usize, data, side),
     }
 }
@@ -51,7 +58,10 @@ pub fn quantize(dtype: KvDtype, x: &[f32], data: &mut [u32], side: &mut [u32]) {
 pub fn dequantize(dtype: KvDtype, data: &[u32], side: &[u32], out: &mut [f32]) {
     match dtype {
         KvDtype::F16 => dequantize_f16(data, out),
+        KvDtype::Bf16 => dequantize_bf16(data, out),
         KvDtype::Int8 => dequantize_int8(data, side[0], out),
+        KvDtype::Fp8E4M3 => E4M3.dequantize(data, side[0], out),
+        KvDtype::Fp8E5M2 => E5M2.dequantize(data, side[0], out),
         KvDtype::Int4 { group } => dequantize_int4(data, side, group as usize, out),
     }
 }

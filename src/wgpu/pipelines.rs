@@ -26,6 +26,7 @@ impl PipelineKey {
             kernel,
             constants: vec![
                 ("DTYPE", l.dtype.tag()),
+                ("CODE", l.dtype.code()),
                 ("HEAD_DIM", l.head_dim as u32),
                 ("GROUP", l.dtype.group().max(8)),
                 ("ROTATE", l.rotated as u32),
@@ -206,6 +207,8 @@ fn attention_constants(
     vec![
         ("K_DTYPE", k.dtype.tag()),
         ("V_DTYPE", v.dtype.tag()),
+        ("K_CODE", k.dtype.code()),
+        ("V_CODE", v.dtype.code()),
         ("HEAD_DIM", k.head_dim as u32),
         ("K_GROUP", k.dtype.group().max(8)),
         ("V_GROUP", v.dtype.group().max(8)),
