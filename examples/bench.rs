@@ -23,104 +23,86 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use clap::Parser;
+
 use kvq::backend::{BackendKind, DeviceBuffer, Step, Tensor};
 use kvq::cache::Plan;
 use kvq::{AttnParams, Backend, CacheConfig, Error, KvCache, KvDtype, Preference, Result};
 
+/// Decode attention speed per dtype and context, against a streaming-read roofline
+/// measured in the same run on the same device.
+///
+/// Times are medians after warm-up of the device time of the call's kernels, from
+/// timestamp queries where the device has them, otherwise (or with `--wall`) of
+/// wall-clock time from submit to completion. Every dtype's call and its roofline
+/// are timed in the same interleaved rounds; "vs f16" is the median over rounds of
+/// the call's time over F16's in that round.
+#[derive(clap::Parser)]
+#[command(name = "bench")]
 struct Opts {
+    /// Backend to time (cpu, wgpu or cuda); without it, the best one found.
+    #[arg(long)]
     backend: Option<BackendKind>,
+    /// Run wgpu's GPU-shaped attention kernel even on a CPU adapter.
+    #[arg(long)]
     generic: bool,
+    /// Make the generic kernel sum over a key's lanes through workgroup memory.
+    #[arg(long)]
     no_subgroups: bool,
+    /// Register budget per lane of the generic kernel.
+    #[arg(long, value_name = "N")]
     lane_floats: Option<u32>,
+    /// Time wall-clock from submit to completion, not the device's timestamps.
+    #[arg(long)]
     wall: bool,
+    /// Context lengths (tokens per sequence), comma-separated.
+    #[arg(long = "context", value_name = "N,..", value_delimiter = ',', value_parser = count,
+          default_value = "1024,4096,16384")]
     contexts: Vec<usize>,
+    /// Batch sizes (sequences per call), comma-separated.
+    #[arg(long = "batch", value_name = "N,..", value_delimiter = ',', value_parser = count,
+          default_value = "1")]
     batches: Vec<usize>,
+    /// Query heads.
+    #[arg(long, default_value_t = 32)]
     q_heads: usize,
+    /// KV heads.
+    #[arg(long, default_value_t = 8)]
     kv_heads: usize,
+    /// Head dimension.
+    #[arg(long, default_value_t = 128)]
     head_dim: usize,
+    #[arg(long, value_name = "K[/V],..", value_delimiter = ',',
+          default_value = "f16,int8,int4", value_parser = KvDtype::parse_pair,
+          help = format!("K/V dtype pairs, comma-separated: `K` or `K/V` (e.g. int8/int4), \
+                          each one of {}", KvDtype::NAMES))]
     dtypes: Vec<(KvDtype, KvDtype)>,
+    /// One line of JSON per row instead of the table.
+    #[arg(long)]
     json: bool,
+    /// Also plot time against context to this SVG file.
+    #[arg(long, value_name = "FILE")]
     plot: Option<String>,
+    /// Timed rounds (after two warm-up rounds); at least 1.
+    #[arg(long, default_value_t = 20)]
     iters: usize,
+    /// Time causal prefill of the last N tokens of each sequence instead of decode.
+    #[arg(long, value_name = "N", default_value_t = 0)]
     prefill: usize,
+    /// Time quantize-append of the first context's tokens instead.
+    #[arg(long)]
     append: bool,
 }
 
+/// A count in a comma list (spaces around it allowed).
+fn count(s: &str) -> std::result::Result<usize, String> {
+    s.trim().parse().map_err(|e| format!("{e}"))
+}
+
+/// The command line (clap prints help, or a bad flag and exits 2), checked.
 fn parse() -> Result<Opts> {
-    let mut o = Opts {
-        backend: None,
-        generic: false,
-        no_subgroups: false,
-        lane_floats: None,
-        wall: false,
-        contexts: vec![1024, 4096, 16384],
-        batches: vec![1],
-        q_heads: 32,
-        kv_heads: 8,
-        head_dim: 128,
-        dtypes: vec![
-            (KvDtype::F16, KvDtype::F16),
-            (KvDtype::Int8, KvDtype::Int8),
-            (KvDtype::Int4 { group: 32 }, KvDtype::Int4 { group: 32 }),
-        ],
-        json: false,
-        plot: None,
-        iters: 20,
-        prefill: 0,
-        append: false,
-    };
-    let bad = |flag: &str, v: &str| Error::InvalidConfig(format!("bad value {v:?} for {flag}"));
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let mut value = || {
-            args.next()
-                .ok_or_else(|| Error::InvalidConfig(format!("{flag} needs a value")))
-        };
-        let num = |v: String| v.trim().parse::<usize>().map_err(|_| bad(&flag, &v));
-        let nums = |v: String| {
-            v.split(',')
-                .map(|c| num(c.to_string()))
-                .collect::<Result<_>>()
-        };
-        match flag.as_str() {
-            "--backend" => o.backend = Some(value()?.parse()?),
-            "--generic" => o.generic = true,
-            "--no-subgroups" => o.no_subgroups = true,
-            "--wall" => o.wall = true,
-            "--lane-floats" => o.lane_floats = Some(num(value()?)? as u32),
-            "--context" => o.contexts = nums(value()?)?,
-            "--batch" => o.batches = nums(value()?)?,
-            "--q-heads" => o.q_heads = num(value()?)?,
-            "--kv-heads" => o.kv_heads = num(value()?)?,
-            "--head-dim" => o.head_dim = num(value()?)?,
-            "--iters" => o.iters = num(value()?)?.max(1),
-            "--prefill" => o.prefill = num(value()?)?,
-            "--dtypes" => {
-                o.dtypes = value()?
-                    .split(',')
-                    .map(|d| match d.split_once('/') {
-                        Some((k, v)) => Ok((k.parse()?, v.parse()?)),
-                        None => Ok((d.parse()?, d.parse()?)),
-                    })
-                    .collect::<Result<_>>()?
-            }
-            "--json" => o.json = true,
-            "--append" => o.append = true,
-            "--plot" => o.plot = Some(value()?),
-            "--help" | "-h" => {
-                println!(
-                    "{}",
-                    include_str!("bench.rs")
-                        .lines()
-                        .take(14)
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                );
-                std::process::exit(0);
-            }
-            other => return Err(Error::InvalidConfig(format!("unknown flag {other}"))),
-        }
-    }
+    let mut o = Opts::parse();
+    o.iters = o.iters.max(1);
     if o.contexts.iter().any(|&c| c < o.prefill) {
         return Err(Error::InvalidConfig(
             "--prefill is longer than a context".into(),
@@ -472,31 +454,60 @@ fn run() -> Result<()> {
     Ok(())
 }
 
+/// One line of `--json`: one row, keys in this order (tools/gpu-check reads them).
+#[derive(serde::Serialize)]
+struct Record<'a> {
+    backend: String,
+    adapter: &'a str,
+    k_dtype: String,
+    v_dtype: String,
+    context: usize,
+    batch: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    prefill: usize,
+    median_us: f64,
+    bytes: usize,
+    gbps: f64,
+    roofline_gbps: f64,
+    /// `null` without an F16 row to compare with.
+    vs_f16: Option<f64>,
+    clock: &'a str,
+    variant: String,
+}
+
+/// `x` to `digits` decimals, as the JSON rows give it.
+fn round(x: f64, digits: i32) -> f64 {
+    let p = 10f64.powi(digits);
+    (x * p).round() / p
+}
+
 /// One row: a line of JSON with `--json`, of the table otherwise.
 fn print_row(o: &Opts, info: &kvq::BackendInfo, clock: &str, r: &Row) {
     let gbps = r.bytes as f64 / r.median_us / 1e3;
     if o.json {
-        let vs_f16 = r.vs_f16.map_or("null".into(), |x| format!("{x:.4}"));
-        println!(
-            "{{\"backend\":\"{}\",\"adapter\":{:?},\"k_dtype\":\"{}\",\"v_dtype\":\"{}\",\"context\":{},\"batch\":{},\"q_heads\":{},\"kv_heads\":{},\"head_dim\":{},\"prefill\":{},\"median_us\":{:.1},\"bytes\":{},\"gbps\":{:.3},\"roofline_gbps\":{:.3},\"vs_f16\":{},\"clock\":\"{}\",\"variant\":\"{}\"}}",
-            info.kind,
-            info.name,
-            r.k,
-            r.v,
-            r.context,
-            r.batch,
-            o.q_heads,
-            o.kv_heads,
-            o.head_dim,
-            o.prefill,
-            r.median_us,
-            r.bytes,
-            gbps,
-            r.roofline_gbps,
-            vs_f16,
+        let record = Record {
+            backend: info.kind.to_string(),
+            adapter: &info.name,
+            k_dtype: r.k.to_string(),
+            v_dtype: r.v.to_string(),
+            context: r.context,
+            batch: r.batch,
+            q_heads: o.q_heads,
+            kv_heads: o.kv_heads,
+            head_dim: o.head_dim,
+            prefill: o.prefill,
+            median_us: round(r.median_us, 1),
+            bytes: r.bytes,
+            gbps: round(gbps, 3),
+            roofline_gbps: round(r.roofline_gbps, 3),
+            vs_f16: r.vs_f16.map(|x| round(x, 4)),
             clock,
-            o.variant()
-        );
+            variant: o.variant(),
+        };
+        let line = serde_json::to_string(&record).expect("a record serializes");
+        println!("{line}");
     } else {
         let roof = format!("{:.2}", r.roofline_gbps);
         let frac = format!("{:.0}%", 100.0 * gbps / r.roofline_gbps);

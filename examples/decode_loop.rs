@@ -13,67 +13,53 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use clap::Parser;
 use kvq::{
-    AttnParams, Backend, CacheConfig, DeviceBuffer, Error, KvCache, KvDtype, Preference, Result,
-    SeqId, Tensor,
+    AttnParams, Backend, CacheConfig, DeviceBuffer, KvCache, KvDtype, Preference, Result, SeqId,
+    Tensor,
 };
 
+/// A generation loop, timed two ways: through the host API (per layer `write` then
+/// `decode`) and the device path (one plan, every layer recorded, one submission).
+#[derive(clap::Parser)]
+#[command(name = "decode_loop")]
 struct Opts {
+    /// Layers of the cache.
+    #[arg(long, default_value_t = 32, value_parser = positive)]
     layers: usize,
+    /// Batch sizes (sequences per step), comma-separated.
+    #[arg(long = "batch", value_name = "N,..", value_delimiter = ',', value_parser = positive,
+          default_value = "1,4")]
     batches: Vec<usize>,
+    /// Tokens cached per sequence before the timed steps, comma-separated.
+    #[arg(long = "context", value_name = "N,..", value_delimiter = ',', value_parser = positive,
+          default_value = "64,4096")]
     contexts: Vec<usize>,
+    /// Timed steps (after two warm-up steps).
+    #[arg(long, default_value_t = 10, value_parser = positive)]
     steps: usize,
-    k: KvDtype,
-    v: KvDtype,
+    #[arg(long = "dtypes", value_name = "K[/V]", default_value = "int8/int4",
+          value_parser = KvDtype::parse_pair,
+          help = format!("K/V dtypes: `K` or `K/V` (e.g. int8/int4), each one of {}", KvDtype::NAMES))]
+    kv: (KvDtype, KvDtype),
+    /// Query heads.
+    #[arg(long, default_value_t = 32, value_parser = positive)]
     q_heads: usize,
+    /// KV heads.
+    #[arg(long, default_value_t = 8, value_parser = positive)]
     kv_heads: usize,
+    /// Head dimension.
+    #[arg(long, default_value_t = 128, value_parser = positive)]
     head_dim: usize,
 }
 
-fn parse() -> Result<Opts> {
-    let mut o = Opts {
-        layers: 32,
-        batches: vec![1, 4],
-        contexts: vec![64, 4096],
-        steps: 10,
-        k: KvDtype::Int8,
-        v: KvDtype::Int4 { group: 32 },
-        q_heads: 32,
-        kv_heads: 8,
-        head_dim: 128,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let value = args
-            .next()
-            .ok_or_else(|| Error::InvalidConfig(format!("{flag} needs a value")))?;
-        let bad = || Error::InvalidConfig(format!("bad value {value:?} for {flag}"));
-        let num = |v: &str| {
-            v.trim()
-                .parse::<usize>()
-                .ok()
-                .filter(|&n| n > 0)
-                .ok_or_else(bad)
-        };
-        let nums = |v: &str| v.split(',').map(num).collect::<Result<Vec<_>>>();
-        match flag.as_str() {
-            "--layers" => o.layers = num(&value)?,
-            "--batch" => o.batches = nums(&value)?,
-            "--context" => o.contexts = nums(&value)?,
-            "--steps" => o.steps = num(&value)?,
-            "--q-heads" => o.q_heads = num(&value)?,
-            "--kv-heads" => o.kv_heads = num(&value)?,
-            "--head-dim" => o.head_dim = num(&value)?,
-            "--dtypes" => {
-                (o.k, o.v) = match value.split_once('/') {
-                    Some((k, v)) => (k.parse()?, v.parse()?),
-                    None => (value.parse()?, value.parse()?),
-                }
-            }
-            other => return Err(Error::InvalidConfig(format!("unknown flag {other}"))),
-        }
+/// A positive count (spaces around it allowed).
+fn positive(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be positive".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
     }
-    Ok(o)
 }
 
 fn main() {
@@ -84,13 +70,14 @@ fn main() {
 }
 
 fn run() -> Result<()> {
-    let o = parse()?;
+    let o = Opts::parse();
+    let (k, v) = o.kv;
     let chosen = kvq::select(&Preference::allow_cpu())?;
     let b = chosen.backend;
     println!("backend: {}", chosen.reason);
     println!(
         "K {} V {}, {} layers, {} q / {} kv heads, head_dim {}; per step: one token per sequence; medians of {} steps\n",
-        o.k, o.v, o.layers, o.q_heads, o.kv_heads, o.head_dim, o.steps
+        k, v, o.layers, o.q_heads, o.kv_heads, o.head_dim, o.steps
     );
     println!(
         "{:>5} {:>7} {:>14} {:>16} {:>8} {:>17} {:>16}",
@@ -155,7 +142,8 @@ fn filled(
     context: usize,
 ) -> Result<(KvCache, Vec<SeqId>)> {
     let capacity = batch * (context + 2 * o.steps + 2);
-    let cfg = CacheConfig::new(o.layers, o.kv_heads, o.head_dim, capacity).with_dtypes(o.k, o.v);
+    let cfg =
+        CacheConfig::new(o.layers, o.kv_heads, o.head_dim, capacity).with_dtypes(o.kv.0, o.kv.1);
     let mut cache = KvCache::new(b.clone(), cfg)?;
     let seqs: Vec<SeqId> = (0..batch).map(|_| cache.add_sequence()).collect();
     let kv = noise(b, context * o.kv_heads * o.head_dim, 7)?;

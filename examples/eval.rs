@@ -15,6 +15,7 @@
 use std::fs::File;
 use std::process::ExitCode;
 
+use clap::Parser;
 use kvq::backend::BackendKind;
 use kvq::reference::{attention_f64, error_stats};
 use kvq::{AttnParams, CacheConfig, KvCache, KvDtype, Preference};
@@ -23,22 +24,50 @@ use npyz::WriterBuilder;
 /// Longest prefill chunk.
 const CHUNK: usize = 512;
 
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
 enum Mode {
+    /// Append all T tokens, attend with the last query.
     Decode,
+    /// Append and attend causally in chunks of at most 512 tokens.
     Prefill,
 }
 
+/// Accuracy of attention over a quantized cache on real Q/K/V, against f64
+/// attention over the unquantized inputs. Prints `nmse=<x> min_cos=<y>
+/// max_abs=<z>`; bad input exits with status 2 and a one-line error.
+#[derive(clap::Parser)]
+#[command(name = "eval", args_override_self = true)]
 struct Opts {
+    /// Queries: little-endian f32 `.npy`, C order, `[T, Hq, D]`.
+    #[arg(long)]
     q: String,
+    /// Keys: f32 `.npy`, `[T, Hkv, D]`.
+    #[arg(long)]
     k: String,
+    /// Values: f32 `.npy`, `[T, Hkv, D]`.
+    #[arg(long)]
     v: String,
+    #[arg(long, value_name = "DTYPE", help = dtype_help("keys"))]
     k_dtype: KvDtype,
+    #[arg(long, value_name = "DTYPE", help = dtype_help("values"))]
     v_dtype: KvDtype,
+    /// What to run.
+    #[arg(long, value_enum)]
     mode: Mode,
+    /// Backend to run on (cpu, wgpu or cuda); without it, the best one found
+    /// (`KVQ_BACKEND` and `KVQ_ADAPTER` apply).
+    #[arg(long)]
     backend: Option<BackendKind>,
+    /// Store K and V Walsh–Hadamard rotated (head_dim a power of two).
+    #[arg(long)]
     rotate: bool,
+    /// Writes the output here (f32 `.npy`); removed again if the run fails.
+    #[arg(long)]
     out: Option<String>,
+}
+
+fn dtype_help(what: &str) -> String {
+    format!("Dtype of the cached {what}: {}", KvDtype::NAMES)
 }
 
 /// A `[T, H, D]` f32 tensor.
@@ -69,14 +98,7 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Res<()> {
-    let args = std::env::args_os()
-        .skip(1)
-        .map(|a| {
-            a.into_string()
-                .map_err(|a| format!("argument {a:?} is not UTF-8"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let o = parse(args.into_iter())?;
+    let o = parse()?;
     let (q, k, v) = (read(&o.q, "--q")?, read(&o.k, "--k")?, read(&o.v, "--v")?);
     check_shapes(&q, &k, &v)?;
     let Some(path) = &o.out else {
@@ -150,62 +172,23 @@ fn evaluate(o: &Opts, q: &Tensor, k: &Tensor, v: &Tensor, out: Option<(&str, Fil
     Ok(())
 }
 
-fn parse(mut args: impl Iterator<Item = String>) -> Result<Opts, String> {
-    let (mut q, mut k, mut v, mut kd, mut vd, mut mode) = (None, None, None, None, None, None);
-    let (mut backend, mut rotate, mut out) = (None, false, None);
-    while let Some(flag) = args.next() {
-        if flag == "--rotate" {
-            rotate = true;
-            continue;
-        }
-        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--q" => q = Some(value),
-            "--k" => k = Some(value),
-            "--v" => v = Some(value),
-            "--k-dtype" => kd = Some(dtype(&flag, &value)?),
-            "--v-dtype" => vd = Some(dtype(&flag, &value)?),
-            "--mode" => {
-                mode = Some(match value.as_str() {
-                    "decode" => Mode::Decode,
-                    "prefill" => Mode::Prefill,
-                    _ => return Err(format!("--mode {value:?}: expected decode or prefill")),
-                })
-            }
-            "--backend" => {
-                backend = Some(
-                    value
-                        .parse::<BackendKind>()
-                        .map_err(|e| format!("--backend: {e}"))?,
-                )
-            }
-            "--out" => out = Some(value),
-            _ => {
-                return Err(format!(
-                    "unknown option {flag:?} (see the doc comment of examples/eval.rs)"
-                ));
-            }
+/// The command line; `--help` prints help and exits 0. A bad command line is one
+/// line of clap's message (up to its first blank line, folded), naming the flag.
+fn parse() -> Result<Opts, String> {
+    match Opts::try_parse() {
+        Ok(o) => Ok(o),
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let text = e.render().to_string();
+            let head: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            let msg = head.join(" ");
+            Err(msg.strip_prefix("error: ").unwrap_or(&msg).to_string())
         }
     }
-    Ok(Opts {
-        q: need(q, "--q")?,
-        k: need(k, "--k")?,
-        v: need(v, "--v")?,
-        k_dtype: need(kd, "--k-dtype")?,
-        v_dtype: need(vd, "--v-dtype")?,
-        mode: need(mode, "--mode")?,
-        backend,
-        rotate,
-        out,
-    })
-}
-
-fn need<T>(x: Option<T>, name: &str) -> Result<T, String> {
-    x.ok_or_else(|| format!("{name} is required"))
-}
-
-fn dtype(flag: &str, value: &str) -> Result<KvDtype, String> {
-    value.parse().map_err(|e| format!("{flag}: {e}"))
 }
 
 /// Reads a `[T, H, D]` little-endian f32 C-order `.npy`, every value finite.

@@ -174,3 +174,77 @@ impl FromStr for KvDtype {
         }
     }
 }
+
+/// Names, nominal sizes and the bit-width vocabulary.
+impl KvDtype {
+    /// Every format, least compact first; Int4 with its default group of 32.
+    pub const ALL: [KvDtype; 6] = [
+        KvDtype::F16,
+        KvDtype::Bf16,
+        KvDtype::Int8,
+        KvDtype::Fp8E4M3,
+        KvDtype::Fp8E5M2,
+        KvDtype::Int4 { group: 32 },
+    ];
+
+    /// The names [`FromStr`] accepts, for help texts.
+    pub const NAMES: &'static str = "f16 (or fp16), bf16, int8, fp8 (= fp8-e4m3), fp8-e5m2, \
+                                     int4 (group 32), int4:gN (N a multiple of 8)";
+
+    /// Bits of one element's code, side data (scales, mins) left out: 16, 8 or 4.
+    /// [`bits_per_element`](Self::bits_per_element) counts the side data too.
+    pub fn nominal_bits(&self) -> u32 {
+        32 / self.per_word()
+    }
+
+    /// [`nominal_bits`](Self::nominal_bits) over 16: 1.0, 0.5 or 0.25, the factor
+    /// engines quote; [`factor_vs_f16`](Self::factor_vs_f16) is the exact one.
+    pub fn nominal_factor_vs_f16(&self) -> f64 {
+        self.nominal_bits() as f64 / 16.0
+    }
+
+    /// Ordinal of compactness, 0 the largest: F16 and BF16 0, Int8 and both FP8s 1,
+    /// Int4 (any group) 2. Formats of one width tie: which of them keeps more of a
+    /// tensor depends on its values, not on its size.
+    pub fn compactness(&self) -> u8 {
+        self.tag() as u8
+    }
+
+    /// The dtype stored in `bits` bits per element, where only one is: 4 gives
+    /// Int4 (group 32). 16 bits could be f16 or bf16, and 8 bits int8, fp8-e4m3 or
+    /// fp8-e5m2: those are an [`Error::InvalidConfig`] naming the candidates, as is
+    /// any other width.
+    pub fn from_bits(bits: u32) -> Result<Self> {
+        match bits {
+            4 => Ok(KvDtype::Int4 { group: 32 }),
+            16 => Err(Error::InvalidConfig(
+                "16 bits per element could be f16 or bf16: name the KV dtype".into(),
+            )),
+            8 => Err(Error::InvalidConfig(
+                "8 bits per element could be int8 or fp8 (fp8-e4m3 or fp8-e5m2): name the KV dtype"
+                    .into(),
+            )),
+            _ => Err(Error::InvalidConfig(format!(
+                "no KV dtype stores {bits} bits per element: expected 16 (f16, bf16), 8 (int8, fp8) or 4 (int4)"
+            ))),
+        }
+    }
+
+    /// A `K` or `K/V` dtype spec, as the examples' `--dtypes` take it: `int8` is
+    /// (Int8, Int8), `int8/int4` (Int8, Int4 group 32).
+    pub fn parse_pair(s: &str) -> Result<(KvDtype, KvDtype)> {
+        match s.split_once('/') {
+            Some((k, v)) => Ok((k.parse()?, v.parse()?)),
+            None => {
+                let d = s.parse()?;
+                Ok((d, d))
+            }
+        }
+    }
+}
+
+#[cfg(feature = "serde")]
+crate::levels::serde_via_str!(
+    KvDtype,
+    "a KV dtype name (f16, bf16, int8, fp8, fp8-e5m2, int4, int4:gN)"
+);

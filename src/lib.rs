@@ -34,6 +34,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod dtype;
 mod error;
+pub mod levels;
 pub mod quant;
 pub mod reference;
 pub mod wgpu;
@@ -46,3 +47,4 @@ pub use backend::{
 pub use cache::{CacheConfig, KvCache, Plan, SeqId};
 pub use dtype::KvDtype;
 pub use error::{Error, Result};
+pub use levels::{CacheLevel, WeightLevel};

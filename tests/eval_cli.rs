@@ -381,12 +381,33 @@ fn bad_command_line() {
     let c = Case::new("cmdline");
     let mut a = c.good_args();
     a.extend(args(&["--frobnicate", "1"]));
-    bad(&a, "unknown option");
+    bad(&a, "unexpected argument '--frobnicate'");
     let mut a = c.good_args();
     a.push("--out".into());
-    bad(&a, "needs a value");
-    bad(&c.good_args()[2..], "--q is required");
-    bad(&[], "is required");
+    bad(&a, "a value is required for '--out");
+    bad(&c.good_args()[2..], "not provided: --q <Q>");
+    bad(&[], "required arguments were not provided");
+}
+
+/// `--help` goes to stdout with status 0 and lists every dtype name.
+#[test]
+fn help() {
+    let o = run(&args(&["--help"]), &[]);
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert_eq!(o.status.code(), Some(0), "stdout: {out}\nstderr: {err}");
+    assert!(err.is_empty(), "{err}");
+    for s in [
+        "--k-dtype",
+        "--v-dtype",
+        "--mode",
+        "--rotate",
+        "--out",
+        "bf16",
+        "fp8-e5m2",
+        "int4:gN",
+    ] {
+        assert!(out.contains(s), "{s} in {out}");
+    }
 }
 
 #[cfg(unix)]
