@@ -289,6 +289,75 @@ impl KvCache {
         self.attend(layer, chunks, q, params)
     }
 
+    /// Reads back the stored K and V of `positions` of `seq` in `layer`, dequantized
+    /// by the backend's dequantize kernel: what layer-cache APIs offer as
+    /// `get_key` / `get_value`, for inspection, debugging and engines that need
+    /// them. Returns `(k, v)`, each `[positions.len(), kv_heads, head_dim]` f32, row
+    /// `i` holding position `positions[i]`; positions may repeat and come in any
+    /// order.
+    ///
+    /// Values are in the model's basis, comparable with what was written: a rotated
+    /// cache ([`CacheConfig::with_rotation`]) stores each head vector
+    /// Hadamard-rotated, and the read-back is rotated back. They differ from the
+    /// written K and V by the storage format's rounding only.
+    ///
+    /// Checks everything before any device work: the layer ([`Error::OutOfRange`]
+    /// `"layer"`), the sequence ([`Error::UnknownSequence`]), then every position
+    /// ([`Error::OutOfRange`] `"position"`, the sequence's length as limit). Then one
+    /// round trip that waits: uploads the slots, dequantizes both pools, downloads.
+    /// No positions is no device work. Nothing in the cache changes.
+    pub fn read_kv(
+        &self,
+        layer: usize,
+        seq: SeqId,
+        positions: &[usize],
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let pools = self.layer(layer)?;
+        let slots = self.read_slots(seq, positions)?;
+        if slots.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let n = slots.len();
+        // Every row is memory the caller asked for: past usize, nothing can hold it.
+        let values = n
+            .checked_mul(self.config.kv_heads * self.config.head_dim)
+            .ok_or(Error::OutOfRange {
+                what: "positions",
+                value: n,
+                limit: usize::MAX / (self.config.kv_heads * self.config.head_dim).max(1),
+            })?;
+        let slots = self.upload(&slots)?;
+        let read = |pool: &Pool| -> Result<Vec<f32>> {
+            let out = self.backend.alloc(values)?;
+            self.backend.dequantize(pool, &slots, n, &out)?;
+            let words = self.backend.download(&out, 0, values)?;
+            Ok(bytemuck::cast_slice(&words).to_vec())
+        };
+        Ok((read(&pools.k)?, read(&pools.v)?))
+    }
+
+    /// Pool slots of `positions` of `seq`, each checked against its length.
+    fn read_slots(&self, seq: SeqId, positions: &[usize]) -> Result<Vec<u32>> {
+        let len = self.blocks.len(seq)?;
+        let table = self.blocks.block_table(seq)?;
+        let bs = self.config.block_size;
+        positions
+            .iter()
+            .map(|&p| {
+                if p >= len {
+                    return Err(Error::OutOfRange {
+                        what: "position",
+                        value: p,
+                        limit: len,
+                    });
+                }
+                // Below the length: its block is in the table, and the slot fits
+                // u32 (the configuration's pools are 32-bit indexed).
+                Ok(table[p / bs] * bs as u32 + (p % bs) as u32)
+            })
+            .collect()
+    }
+
     /// Memory held and used.
     pub fn memory(&self) -> MemoryReport {
         let c = &self.config;
