@@ -1,9 +1,11 @@
 //! Builds a quantized KV cache on the best backend, appends a few hundred tokens of
 //! synthetic K/V per dtype, runs decode attention and compares it with unquantized
-//! f32 attention.
+//! f32 attention; then asks the advisor which dtypes a 7B-class model's cache
+//! should use for a memory budget.
 //!
 //!     cargo run --release --example quickstart
 
+use kvq::advisor::{KvShape, advise, next_more_compact};
 use kvq::reference::{attention_f64, error_stats};
 use kvq::{AttnParams, CacheConfig, KvCache, KvDtype, Preference, Result};
 
@@ -55,7 +57,10 @@ fn run() -> Result<()> {
     );
     let pairs = [
         (KvDtype::F16, KvDtype::F16),
+        (KvDtype::Bf16, KvDtype::Bf16),
         (KvDtype::Int8, KvDtype::Int8),
+        (KvDtype::Fp8E4M3, KvDtype::Fp8E4M3),
+        (KvDtype::Fp8E5M2, KvDtype::Fp8E5M2),
         (KvDtype::Int4 { group: 32 }, KvDtype::Int4 { group: 32 }),
         (KvDtype::Int4 { group: 128 }, KvDtype::Int4 { group: 128 }),
         (KvDtype::Int8, KvDtype::Int4 { group: 32 }),
@@ -77,6 +82,38 @@ fn run() -> Result<()> {
             e.nmse,
             e.min_cos
         );
+    }
+
+    // A 7B-class model (32 layers, 8 kv heads, head_dim 128) at 32k context x 8
+    // sequences, on a 24 GiB budget for the cache.
+    let shape = KvShape {
+        layers: 32,
+        kv_heads: 8,
+        head_dim: 128,
+    };
+    let tokens = 32 * 1024 * 8;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    println!("\nadvisor: 32 layers x 8 kv heads x D 128, 32768 tokens x 8 sequences");
+    for budget_gib in [48u64, 24, 12, 4] {
+        match advise(budget_gib << 30, shape, tokens) {
+            Ok(c) => {
+                println!(
+                    "  {budget_gib:>2} GiB: K {} V {} rotated {}: {:.1} GiB, measured NMSE {:.2e}",
+                    c.k,
+                    c.v,
+                    c.rotate,
+                    gib(c.bytes),
+                    c.nmse
+                );
+                if let Some(n) = next_more_compact(c.k, c.v, shape.head_dim) {
+                    println!(
+                        "         under pressure, next: K {} V {} rotated {} (NMSE {:.2e})",
+                        n.k, n.v, n.rotate, n.nmse
+                    );
+                }
+            }
+            Err(e) => println!("  {budget_gib:>2} GiB: {e}"),
+        }
     }
     Ok(())
 }

@@ -113,6 +113,15 @@ pub enum Error {
     #[error("device out of memory: {0}")]
     OutOfMemory(String),
 
+    /// No way to store the cache fits the memory budget.
+    #[error("the most compact KV cache takes {needed} bytes: {} more than the budget of {budget}", needed - budget)]
+    OverBudget {
+        /// Bytes the most compact measured choice takes.
+        needed: u64,
+        /// The budget.
+        budget: u64,
+    },
+
     /// The device was lost (removed, reset, destroyed): every later call on the
     /// backend answers this; its caches must be rebuilt on a new one.
     #[error("device lost: {0}")]

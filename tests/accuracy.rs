@@ -28,18 +28,25 @@ const G32: KvDtype = KvDtype::Int4 { group: 32 };
 /// Per-head INT4: one group spans the whole head (D = 64).
 const G64: KvDtype = KvDtype::Int4 { group: 64 };
 
-const PAIRS: [(KvDtype, KvDtype); 5] = [
+const PAIRS: [(KvDtype, KvDtype); 9] = [
     (KvDtype::F16, KvDtype::F16),
+    (KvDtype::Bf16, KvDtype::Bf16),
     (KvDtype::Int8, KvDtype::Int8),
+    (KvDtype::Fp8E4M3, KvDtype::Fp8E4M3),
+    (KvDtype::Fp8E5M2, KvDtype::Fp8E5M2),
     (G32, G32),
     (G64, G64),
     (KvDtype::Int8, G32),
+    (KvDtype::Fp8E4M3, G32),
 ];
 
 /// Largest NMSE allowed per pair over all layers, decode and prefill (README table).
 fn bound(k: KvDtype, v: KvDtype, rotate: bool) -> f64 {
     match (k, v, rotate) {
         (KvDtype::F16, KvDtype::F16, _) => 1e-6,
+        (KvDtype::Bf16, KvDtype::Bf16, _) => 1e-4,
+        (KvDtype::Fp8E4M3, KvDtype::Fp8E4M3, _) => 6e-3,
+        (KvDtype::Fp8E5M2, KvDtype::Fp8E5M2, _) => 2e-2,
         (KvDtype::Int8, KvDtype::Int8, false) => 1e-3,
         (KvDtype::Int8, KvDtype::Int8, true) => 3e-4,
         (KvDtype::Int8, _, _) => 3e-2,
@@ -238,6 +245,28 @@ fn real_activations_accuracy_table() {
             .map(|r| r.kernel.nmse)
             .sum()
     };
+    // The advisor ranks by these sums (decode + prefill over the four layers): its
+    // checked-in table must be what this measures.
+    let mut stale = Vec::new();
+    for (k, v) in PAIRS {
+        for rotate in [false, true] {
+            let sum = total(k, v, rotate, false) + total(k, v, rotate, true);
+            println!("advisor: (\"{k}\", \"{v}\", {rotate}, {sum:.3e}),");
+            let listed = kvq::advisor::MEASURED
+                .iter()
+                .find(|m| m.0 == k.to_string() && m.1 == v.to_string() && m.2 == rotate)
+                .map(|m| m.3);
+            if !listed.is_some_and(|m| (m - sum).abs() <= 0.01 * sum) {
+                stale.push(format!(
+                    "K {k} V {v} rotate {rotate}: {listed:?}, measured {sum:.3e}"
+                ));
+            }
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "kvq::advisor::MEASURED is stale: {stale:#?}"
+    );
     for (k, v, prefill) in [
         (KvDtype::Int8, KvDtype::Int8, false),
         (KvDtype::Int8, KvDtype::Int8, true),
