@@ -4,8 +4,12 @@
 // attn_reduce.cu combines. Compiled per (K_DTYPE, V_DTYPE, DL, ROWS, KB), given by
 // -D; everything else is a parameter. CPU twin: src/cpu/attention.rs.
 
+#ifndef K_CODE
+#define K_CODE 0 // format within the packing: 0 F16 / Int8, 1 BF16 / FP8 E4M3, 2 FP8 E5M2
+#define V_CODE 0
+#endif
 #ifndef K_DTYPE
-#define K_DTYPE 1 // 0 F16, 1 Int8, 2 Int4
+#define K_DTYPE 1 // packing: 0 16-bit pairs, 1 bytes + scale, 2 Int4 (common.cuh)
 #define V_DTYPE 1
 #define DL 16     // dims per lane: 8, 16 or 32
 #define ROWS 4    // query rows of a block: QH heads x QB positions, at most 8
@@ -106,17 +110,18 @@ __device__ __forceinline__ u32 word(uint4 v, u32 i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// The codes of a word as f32: 2 f16, 4 Int8 or 8 Int4 values, lowest first.
-template <int DTYPE>
+// The codes of a word as f32, lowest first: 2 f16 or bf16, 4 Int8 or FP8, or 8
+// Int4 values.
+template <int DTYPE, int CODE>
 __device__ __forceinline__ void codes(u32 wd, float* c) {
     if (DTYPE == 0) {
-        float2 h = f16x2_value(wd);
+        float2 h = pair_value(wd, CODE);
         c[0] = h.x;
         c[1] = h.y;
     } else if (DTYPE == 1) {
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            c[e] = int8_code(wd, e);
+            c[e] = byte_value(wd, e, CODE);
         }
     } else {
 #pragma unroll
@@ -234,7 +239,7 @@ attention(AttnParams P, AttnShape S, const u32* q, const u32* work, const u32* t
             for (int wi = 0; wi < K_LW; wi++) {
                 constexpr int per = 2 << K_DTYPE; // codes per word
                 float c[per];
-                codes<K_DTYPE>(word(kw[j], wi), c);
+                codes<K_DTYPE, K_CODE>(word(kw[j], wi), c);
 #pragma unroll
                 for (int r = 0; r < ROWS; r++) {
 #pragma unroll
@@ -308,7 +313,7 @@ attention(AttnParams P, AttnShape S, const u32* q, const u32* work, const u32* t
             for (int wi = 0; wi < V_LW; wi++) {
                 constexpr int per = 2 << V_DTYPE;
                 float c[per];
-                codes<V_DTYPE>(word(vw[j], wi), c);
+                codes<V_DTYPE, V_CODE>(word(vw[j], wi), c);
 #pragma unroll
                 for (int r = 0; r < ROWS; r++) {
                     if (!seen[r]) {

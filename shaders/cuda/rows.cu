@@ -9,13 +9,13 @@ struct RowParams {
     u32 kv_heads;
     u32 block_size;
     u32 capacity; // num_blocks * block_size: slots at or past it are skipped
-    u32 dtype;    // 0 F16, 1 Int8, 2 Int4
+    u32 dtype;    // packing: 0 16-bit pairs, 1 bytes + scale, 2 Int4
     u32 head_dim;
     u32 group;    // Int4
     u32 rotate;
     float norm;   // 1/sqrt(head_dim), correctly rounded
     u32 src_f16;  // append: the source holds f16
-    u32 pad0;
+    u32 code;     // format within the packing: 0 F16 / Int8, 1 BF16 / FP8 E4M3, 2 FP8 E5M2
     u32 pad1;
 };
 
@@ -51,21 +51,27 @@ extern "C" __global__ void quantize_append(RowParams P, const u32* src, const u3
     }
     if (P.dtype == 0) {
         for (u32 w = 0; w < d / 2; w++) {
-            data[row * (d / 2) + w] = f16_bits(x[2 * w]) | (f16_bits(x[2 * w + 1]) << 16);
+            data[row * (d / 2) + w] = half_bits(x[2 * w], P.code) | (half_bits(x[2 * w + 1], P.code) << 16);
         }
     } else if (P.dtype == 1) {
         float absmax = 0.0f;
         for (u32 i = 0; i < d; i++) {
             absmax = fmaxf(absmax, fabsf(x[i]));
         }
-        float scale = absmax / 127.0f;
+        float scale = absmax / byte_max(P.code);
         side[row] = __float_as_uint(scale);
         for (u32 w = 0; w < d / 4; w++) {
             u32 word = 0;
             if (scale != 0.0f) {
                 for (u32 j = 0; j < 4; j++) {
-                    float q = fminf(fmaxf(rintf(x[4 * w + j] / scale), -127.0f), 127.0f);
-                    word |= ((u32)(int)q & 0xffu) << (8 * j);
+                    float y = x[4 * w + j] / scale;
+                    u32 c;
+                    if (P.code == 0) {
+                        c = (u32)(int)fminf(fmaxf(rintf(y), -127.0f), 127.0f) & 0xffu;
+                    } else {
+                        c = fp8_bits(y, P.code);
+                    }
+                    word |= c << (8 * j);
                 }
             }
             data[row * (d / 4) + w] = word;
@@ -108,9 +114,10 @@ extern "C" __global__ void dequantize(RowParams P, const u32* slots, const u32* 
     float x[256];
     for (u32 i = 0; i < d; i++) {
         if (P.dtype == 0) {
-            x[i] = f16_value(data[row * (d / 2) + i / 2] >> (16 * (i % 2)));
+            float2 h = pair_value(data[row * (d / 2) + i / 2], P.code);
+            x[i] = i % 2 ? h.y : h.x;
         } else if (P.dtype == 1) {
-            x[i] = __fmul_rn(int8_code(data[row * (d / 4) + i / 4], i % 4), __uint_as_float(side[row]));
+            x[i] = __fmul_rn(byte_value(data[row * (d / 4) + i / 4], i % 4, P.code), __uint_as_float(side[row]));
         } else {
             u32 s = side[row * (d / P.group) + i / P.group];
             // min + code * scale, rounded twice as the CPU reference does (no FMA).

@@ -362,7 +362,8 @@ struct RowParams {
     rotate: u32,
     norm: f32,
     src_f16: u32,
-    pad: [u32; 2],
+    code: u32,
+    pad: u32,
 }
 // SAFETY: plain old data passed by value as a kernel argument: `repr(C)`, eight
 // u32, one f32 and three u32 (4-byte fields, so no padding; no pointers; every
@@ -377,12 +378,13 @@ impl RowParams {
             block_size: l.block_size as u32,
             capacity: (l.num_blocks * l.block_size) as u32,
             dtype: l.dtype.tag(),
+            code: l.dtype.code(),
             head_dim: l.head_dim as u32,
             group: l.dtype.group().max(8),
             rotate: l.rotated as u32,
             norm: hadamard_norm(l.head_dim),
             src_f16: src_f16 as u32,
-            pad: [0; 2],
+            pad: 0,
         }
     }
 }
@@ -602,15 +604,8 @@ fn device_arch(ordinal: usize) -> Result<&'static str> {
     })
 }
 
-/// The per-row and attention kernels hold a head vector in 256 registers or words,
-/// and decode F16, Int8 and Int4 (BF16 and FP8 run on wgpu and the CPU reference).
+/// The per-row and attention kernels hold a head vector in 256 registers or words.
 fn check_layout(l: &PoolLayout) -> Result<()> {
-    if l.dtype.code() != 0 {
-        return Err(Error::Unsupported(format!(
-            "{} pools on CUDA: not yet (f16, int8, int4)",
-            l.dtype
-        )));
-    }
     if l.head_dim > 256 {
         return Err(Error::Unsupported(format!(
             "head_dim {} on CUDA: at most 256",
@@ -930,7 +925,7 @@ impl CudaBackend {
         let out_rows = work.rows as u32;
         let x = out_rows.clamp(1, MAX_GRID);
         let attention = Attention {
-            key: KernelKey::attention(kl.dtype.tag(), vl.dtype.tag(), shape.dims, rows, shape.keys),
+            key: KernelKey::attention(kl.dtype, vl.dtype, shape.dims, rows, shape.keys),
             params: AttnParams(work.params_words(kl, splits, split_len)),
             shape: AttnShape {
                 head_dim: d as u32,

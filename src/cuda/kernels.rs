@@ -3,7 +3,7 @@
 //! NVRTC 12 or 13 found by cudarc's loader).
 
 use crate::attn::work::{LANE_FLOATS, MAX_ROWS};
-use crate::{Error, Result};
+use crate::{Error, KvDtype, Result};
 
 const COMMON: &str = include_str!("../../shaders/cuda/common.cuh");
 
@@ -64,14 +64,16 @@ impl KernelKey {
         }
     }
 
-    /// `attention.cu` for K and V dtype tags (0 F16, 1 Int8, 2 Int4), `dims` per
-    /// lane, `rows` query rows and `keys` per slot and step.
-    pub fn attention(k: u32, v: u32, dims: u32, rows: u32, keys: u32) -> Self {
+    /// `attention.cu` for K and V stored as `k` and `v` (their packing and code),
+    /// `dims` per lane, `rows` query rows and `keys` per slot and step.
+    pub fn attention(k: KvDtype, v: KvDtype, dims: u32, rows: u32, keys: u32) -> Self {
         KernelKey {
             kernel: CudaKernel::Attention,
             defines: vec![
-                ("K_DTYPE", k),
-                ("V_DTYPE", v),
+                ("K_DTYPE", k.tag()),
+                ("V_DTYPE", v.tag()),
+                ("K_CODE", k.code()),
+                ("V_CODE", v.code()),
                 ("DL", dims),
                 ("ROWS", rows),
                 ("KB", keys),
@@ -79,24 +81,41 @@ impl KernelKey {
         }
     }
 
-    /// Every specialisation the backend can dispatch: the per-row, reduce and stream
-    /// kernels, and attention for every pair of dtypes, every row count and every
-    /// lane width [`crate::attn::work::lane_shape`] can choose.
+    /// The specialisations CI compiles: the per-row, reduce and stream kernels, and
+    /// attention for every row count and lane width
+    /// [`crate::attn::work::lane_shape`] can choose, for every pair of packings and
+    /// for each other code with itself and with BF16 (any other pair mixes the same
+    /// decoding paths).
     pub fn all() -> Vec<KernelKey> {
         let mut keys = vec![
             KernelKey::plain(CudaKernel::Rows),
             KernelKey::plain(CudaKernel::Reduce),
             KernelKey::plain(CudaKernel::Stream),
         ];
-        for k in 0..3u32 {
-            for v in 0..3u32 {
-                let widest = 128 / (16 >> k.min(v));
-                for rows in 1..=MAX_ROWS {
-                    for dims in [8, 16, 32] {
-                        if dims <= widest && (dims == 8 || dims * rows <= LANE_FLOATS) {
-                            let keys_per_step = if rows <= 4 { 4 } else { 2 };
-                            keys.push(KernelKey::attention(k, v, dims, rows, keys_per_step));
-                        }
+        // Every pair of packings (F16, Int8, Int4), and the other codes of a packing
+        // (BF16, FP8 E4M3 and E5M2) paired with themselves and with BF16: they differ
+        // from the first only in how a word's codes are decoded.
+        let int4 = KvDtype::Int4 { group: 32 };
+        let (f16, bf16, int8) = (KvDtype::F16, KvDtype::Bf16, KvDtype::Int8);
+        let (e4m3, e5m2) = (KvDtype::Fp8E4M3, KvDtype::Fp8E5M2);
+        let mut pairs: Vec<(KvDtype, KvDtype)> = [f16, int8, int4]
+            .into_iter()
+            .flat_map(|k| [f16, int8, int4].map(|v| (k, v)))
+            .collect();
+        pairs.extend([
+            (bf16, bf16),
+            (e4m3, e4m3),
+            (e5m2, e5m2),
+            (bf16, e4m3),
+            (e5m2, bf16),
+        ]);
+        for (k, v) in pairs {
+            let widest = 128 / (16 >> k.tag().min(v.tag()));
+            for rows in 1..=MAX_ROWS {
+                for dims in [8, 16, 32] {
+                    if dims <= widest && (dims == 8 || dims * rows <= LANE_FLOATS) {
+                        let keys_per_step = if rows <= 4 { 4 } else { 2 };
+                        keys.push(KernelKey::attention(k, v, dims, rows, keys_per_step));
                     }
                 }
             }
