@@ -6,28 +6,12 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{Rng, gpus};
+use common::{Rng, dtypes, gpus};
 use kvq::cpu::CpuBackend;
 use kvq::{Backend, CacheConfig, KvCache, KvDtype};
 
 /// Largest share of codes allowed to differ by one.
 const MAX_OFF_BY_ONE_RATE: f64 = 1e-4;
-
-fn dtypes(d: usize) -> Vec<KvDtype> {
-    let mut v = vec![
-        KvDtype::F16,
-        KvDtype::Bf16,
-        KvDtype::Int8,
-        KvDtype::Fp8E4M3,
-        KvDtype::Fp8E5M2,
-    ];
-    for g in [8u32, 16, 32, 64, 128] {
-        if d % g as usize == 0 {
-            v.push(KvDtype::Int4 { group: g });
-        }
-    }
-    v
-}
 
 /// Code width in bits and code words' layout for comparing element by element.
 fn codes(dtype: KvDtype, words: &[u32]) -> Vec<i32> {

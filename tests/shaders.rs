@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::dtypes;
 use kvq::attn::work::{LANE_FLOATS, decode_heads_per_group, lane_shape, prefill_heads_per_group};
 use kvq::wgpu::attention::lanes_fit;
 use kvq::wgpu::pipelines::PipelineKey;
@@ -16,22 +17,6 @@ fn bindings(kernel: Kernel) -> usize {
         Kernel::Attention | Kernel::AttentionSubgroup | Kernel::AttentionLanes => 9,
         Kernel::AttnReduce | Kernel::Stream => 3,
     }
-}
-
-fn dtypes(head_dim: usize) -> Vec<KvDtype> {
-    let mut v = vec![
-        KvDtype::F16,
-        KvDtype::Bf16,
-        KvDtype::Int8,
-        KvDtype::Fp8E4M3,
-        KvDtype::Fp8E5M2,
-    ];
-    for g in [8, 16, 32, 64, 128] {
-        if head_dim % g == 0 {
-            v.push(KvDtype::Int4 { group: g as u32 });
-        }
-    }
-    v
 }
 
 /// Every specialisation the backend can dispatch for the head dims we support.

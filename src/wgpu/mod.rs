@@ -288,15 +288,11 @@ impl WgpuBackend {
 
     /// Checks that `bytes` fit one storage binding.
     pub(crate) fn check_binding(&self, bytes: u64) -> Result<()> {
-        let max = self.info.limits.max_binding_bytes;
-        if bytes > max {
-            return Err(Error::DeviceLimit {
-                limit: "max_storage_buffer_binding_size",
-                requested: bytes,
-                max,
-            });
-        }
-        Ok(())
+        check_limit(
+            "max_storage_buffer_binding_size",
+            bytes,
+            self.info.limits.max_binding_bytes,
+        )
     }
 
     /// The grid of `invocations` threads in workgroups of `wg_size`, folded into 2-D
@@ -425,14 +421,7 @@ impl Backend for WgpuBackend {
     fn alloc(&self, words: usize) -> Result<DeviceBuffer> {
         self.guarded(|| {
             let bytes = (words.max(1) as u64).saturating_mul(4);
-            let max = self.info.limits.max_buffer_bytes;
-            if bytes > max {
-                return Err(Error::DeviceLimit {
-                    limit: "max_buffer_size",
-                    requested: bytes,
-                    max,
-                });
-            }
+            check_limit("max_buffer_size", bytes, self.info.limits.max_buffer_bytes)?;
             let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
             self.created.count();
             let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
@@ -565,4 +554,16 @@ impl Backend for WgpuBackend {
             None => Ok(None),
         })
     }
+}
+
+/// `DeviceLimit` naming `limit` if `bytes` pass `max`.
+fn check_limit(limit: &'static str, bytes: u64, max: u64) -> Result<()> {
+    if bytes > max {
+        return Err(Error::DeviceLimit {
+            limit,
+            requested: bytes,
+            max,
+        });
+    }
+    Ok(())
 }

@@ -157,3 +157,18 @@ pub fn stored(dtype: kvq::KvDtype, rotated: bool, x: &[f32], head_dim: usize) ->
         .flat_map(|v| kvq::quant::stored(dtype, rotated, v))
         .collect()
 }
+
+/// Every storage format for `head_dim`: each dtype, Int4 with every group of 8 to
+/// 128 that divides it.
+pub fn dtypes(head_dim: usize) -> Vec<kvq::KvDtype> {
+    let mut v: Vec<kvq::KvDtype> = kvq::KvDtype::ALL
+        .into_iter()
+        .filter(|d| !matches!(d, kvq::KvDtype::Int4 { .. }))
+        .collect();
+    for g in [8u32, 16, 32, 64, 128] {
+        if head_dim % g as usize == 0 {
+            v.push(kvq::KvDtype::Int4 { group: g });
+        }
+    }
+    v
+}
