@@ -185,13 +185,9 @@ fn softmax_step(w: Work, t0: u32, z: u32) {
 // Adds key j's weighted V to this lane's dims of every row; each V word is
 // dequantized once for every row. An Int4 group's min goes to accm, once per key.
 fn pv(j: u32) {
-    // A key outside the window read another block's row: even weighted by zero
-    // (0 x NaN) it must not reach this sequence.
-    if (!inside[j]) {
-        return;
-    }
     // A row that may not see the key (weight 0) skips it: 0 x Inf is NaN, and a
-    // non-finite V stored from device input must not reach queries before its token.
+    // non-finite V (stored from device input, or another block's row read for a key
+    // outside the window) must not reach it.
     let f = vf[j];
     var p: array<f32, 8>;
     var seen: array<bool, 8>;

@@ -174,7 +174,8 @@ fn qk(row: u32) {
 
 // acc[r][e..e+n] += pw[r] * x
 // A row that may not see the key (weight 0) skips it: 0 x Inf is NaN, and a
-// non-finite V stored from device input must not reach queries before its token.
+// non-finite V (stored from device input, or another block's row read for a key
+// outside the window) must not reach it.
 fn axpy2(e: u32, x: vec2<f32>) {
     for (var r = 0u; r < ROWS; r++) {
         if (pw[r] == 0.0) {
@@ -385,15 +386,9 @@ fn main(
             wb = select(vec4<f32>(0.0), wb * scale, wb != vec4<f32>(0.0));
         }
         for (var j = 0u; j < LANES; j++) {
-            // Key j of the step: lane j's pool row and weights, in every lane. A key
-            // outside the window (weights 0) read another block's row, which even
-            // weighted by zero (0 x NaN) must not reach this sequence.
-            let jrow = subgroupShuffle(row, j);
-            let ja = subgroupShuffle(wa, j);
-            let jb = subgroupShuffle(wb, j);
-            if (any(ja != vec4<f32>(0.0)) || any(jb != vec4<f32>(0.0))) {
-                pv(jrow, lane, ja, jb);
-            }
+            // Key j of the step: lane j's pool row and weights, in every lane (rows
+            // that may not see it, weight 0, skip it: see axpy2).
+            pv(subgroupShuffle(row, j), lane, subgroupShuffle(wa, j), subgroupShuffle(wb, j));
         }
     }
 

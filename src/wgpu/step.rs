@@ -86,7 +86,7 @@ pub fn prepare(b: &WgpuBackend, step: &Step<'_>) -> Result<Prepared> {
     }
     for w in windows.iter() {
         if let Some(a) = &attention {
-            let splits = a.reduce_uniform[1];
+            let [_, splits, ..] = a.reduce_uniform;
             let u = at(attention_uniform(&w));
             uniform[u..u + 12].copy_from_slice(&a.uniform);
             uniform[u + 10..u + 16].copy_from_slice(&[
@@ -168,6 +168,7 @@ pub fn record_attention(
     let ws = st.lease.get();
     let bytes = (a.partial_words * st.windows.count()) as u64 * 4;
     let partial = b.rest(&ws.partial, (0, bytes));
+    let meta = b.rest(&ws.meta, (0, st.meta));
     let key = a
         .attention
         .clone()
@@ -178,8 +179,8 @@ pub fn record_attention(
         let ranges = [
             Range::new(&ws.uniform, attention_uniform(&w), 64),
             q_range.clone(),
-            b.rest(&ws.meta, (0, st.meta)),
-            b.rest(&ws.meta, (0, st.meta)),
+            meta.clone(),
+            meta.clone(),
             k_data,
             k_side,
             v_data,
