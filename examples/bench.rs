@@ -339,19 +339,23 @@ fn bench_append(b: &Arc<dyn Backend>, o: &Opts) -> Result<()> {
     );
     for &(k, v) in &o.dtypes {
         let cfg = CacheConfig::new(1, o.kv_heads, o.head_dim, tokens).with_dtypes(k, v);
-        let cache = KvCache::new(b.clone(), cfg)?;
+        let mut cache = KvCache::new(b.clone(), cfg)?;
         let n = tokens * o.kv_heads * o.head_dim;
         let src: Vec<u32> = (0..n)
             .map(|i| ((i % 1000) as f32 / 500.0 - 1.0).to_bits())
             .collect();
         let buf = b.alloc(n)?;
         b.upload(&buf, 0, &src)?;
-        let slots: Vec<u32> = (0..tokens as u32).collect();
+        // Where one sequence's tokens go (Int4Channel keys: the blocks they fill).
+        let s = cache.add_sequence();
+        let ext = cache.extend(&[(s, tokens)])?.extension().clone();
         let (kp, vp) = cache.pools(0)?;
         let step = b.prepare(&Step {
             k: &kp.layout,
             v: &vp.layout,
-            slots: &slots,
+            slots: &ext.slots,
+            open_slots: &ext.open_slots,
+            seals: &ext.seals,
             seqs: &[],
             tables: &[],
             params: None,

@@ -18,7 +18,7 @@
 // online softmax and adds its dims of V. Slots keep their own running max and sum
 // and are merged once, at the end. src/wgpu/attention.rs chooses DL, KT and KB.
 
-override K_DTYPE: u32 = 1u; // packing: 0 16-bit pairs, 1 bytes + scale, 2 Int4 (common.wgsl)
+override K_DTYPE: u32 = 1u; // packing: 0 16-bit pairs, 1 bytes + scale, 2 Int4, 3 Int4 per channel (common.wgsl)
 override V_DTYPE: u32 = 1u;
 override K_CODE: u32 = 0u;  // format within it: 0 F16 / Int8, 1 BF16 / FP8 E4M3, 2 FP8 E5M2
 override V_CODE: u32 = 0u;
@@ -37,9 +37,9 @@ override ROWS: u32 = QH * QB; // query rows (position b, head j) at b * QH + j; 
 
 const WG: u32 = 64u;
 override NZ: u32 = WG / KT; // slots
-override K_WORDS: u32 = HEAD_DIM / (2u << K_DTYPE); // words per K row
+override K_WORDS: u32 = HEAD_DIM / (2u << min(K_DTYPE, 2u)); // words per K row
 override V_WORDS: u32 = HEAD_DIM / (2u << V_DTYPE);
-override K_LW: u32 = DL / (2u << K_DTYPE); // words of a lane's slice of a K row: 1, 2 or 4
+override K_LW: u32 = DL / (2u << min(K_DTYPE, 2u)); // words of a lane's slice of a K row: 1, 2 or 4
 override V_LW: u32 = DL / (2u << V_DTYPE);
 
 // q rows while they are staged; then sum_over_lanes' scratch; then the merged
@@ -60,6 +60,10 @@ var<private> vw: array<vec4<u32>, 4>;   // and of its V row
 var<private> kf: array<vec2<f32>, 4>;   // each key's K factors for this lane: (scale, min)
 var<private> vf: array<vec2<f32>, 4>;   // and its V factors
 var<private> inside: array<bool, 4>;    // whether each key lies in the bound window
+var<private> kblock: array<u32, 4>;     // Int4 per channel: each key's (block, kv head)
+var<private> cblock: u32 = 0xffffffffu; // the (block, kv head) whose factors are in cs, cm
+var<private> cs: array<f32, 32>;        // their scales for this lane's dims
+var<private> cm: array<f32, 32>;        // and mins
 
 // Words [i, i + n) of the vec4 v that holds them (n = 1, 2 or 4, i a multiple of
 // n), from its first component on: a slice narrower than 16 bytes is one load that
@@ -86,7 +90,8 @@ fn load_step(w: Work, t0: u32, z: u32, x: u32) {
         let t = min(t0 + j * NZ + z, w.end - 1u);
         inside[j] = window_block(w.table_offset, t) < P.blocks;
         let row = kv_addr(w.table_offset, w.kvh, t);
-        let ki = row * K_WORDS + x * K_LW;
+        kblock[j] = row / BLOCK_SIZE;
+        let ki = key_row(w, t, row) * K_WORDS + x * K_LW;
         kw[j] = slice(k_data[ki / 4u], ki, K_LW);
         let vi = row * V_WORDS + x * V_LW;
         vw[j] = slice(v_data[vi / 4u], vi, V_LW);
@@ -95,10 +100,11 @@ fn load_step(w: Work, t0: u32, z: u32, x: u32) {
     }
 }
 
-// Side words per row: none for F16 (its side array is a single unused word), one
-// scale for Int8, one (scale, min) per group for Int4.
+// Side words per row: none for F16 (its side array is a single unused word) and
+// Int4 per channel (its factors are per block), one scale for Int8, one (scale,
+// min) per group for Int4.
 fn side_words(dtype: u32, group: u32) -> u32 {
-    if (dtype == 0u) {
+    if (dtype == 0u || dtype == 3u) {
         return 0u;
     }
     return select(1u, HEAD_DIM / group, dtype == 2u);
@@ -115,10 +121,28 @@ fn factors(dtype: u32, word: u32) -> vec2<f32> {
     return vec2<f32>(1.0, 0.0);
 }
 
+// Int4 per channel: the (scale, min) of this lane's dims in key j's block, loaded
+// when the block changes (keys come in position order: once per block or so).
+fn channel_factors(j: u32, x: u32) {
+    if (kblock[j] == cblock) {
+        return;
+    }
+    cblock = kblock[j];
+    for (var e = 0u; e < DL; e++) {
+        let f = unpack2x16float(k_side[cblock * HEAD_DIM + x * DL + e]);
+        cs[e] = f.x;
+        cm[e] = f.y;
+    }
+}
+
 // This lane's part of q . k for key j of the step, per row, into sc. Each K word is
-// dequantized once for every row; Int8 and Int4 factors apply to the lane's sum.
-fn qk(j: u32) {
+// dequantized once for every row; Int8 and Int4 factors apply to the lane's sum,
+// Int4 per channel factors to each dim.
+fn qk(j: u32, x: u32) {
     let f = kf[j];
+    if (K_DTYPE == 3u) {
+        channel_factors(j, x);
+    }
     var s: array<f32, 8>;
     for (var r = 0u; r < ROWS; r++) {
         s[r] = 0.0;
@@ -136,11 +160,21 @@ fn qk(j: u32) {
             for (var r = 0u; r < ROWS; r++) {
                 s[r] += dot(q4(r * DL + 4u * w), c);
             }
-        } else {
+        } else if (K_DTYPE == 2u) {
             let lo = int4_codes(word, 0u);
             let hi = int4_codes(word, 16u);
             for (var r = 0u; r < ROWS; r++) {
                 let o = r * DL + 8u * w;
+                s[r] += dot(q4(o), lo) + dot(q4(o + 4u), hi);
+            }
+        } else {
+            let e = 8u * w;
+            let lo = int4_codes(word, 0u) * vec4<f32>(cs[e], cs[e + 1u], cs[e + 2u], cs[e + 3u])
+                   + vec4<f32>(cm[e], cm[e + 1u], cm[e + 2u], cm[e + 3u]);
+            let hi = int4_codes(word, 16u) * vec4<f32>(cs[e + 4u], cs[e + 5u], cs[e + 6u], cs[e + 7u])
+                   + vec4<f32>(cm[e + 4u], cm[e + 5u], cm[e + 6u], cm[e + 7u]);
+            for (var r = 0u; r < ROWS; r++) {
+                let o = r * DL + e;
                 s[r] += dot(q4(o), lo) + dot(q4(o + 4u), hi);
             }
         }
@@ -327,7 +361,7 @@ fn main(
     for (var t0 = w.begin; t0 < w.end; t0 += NZ * KB) {
         load_step(w, t0, z, xs);
         for (var j = 0u; j < KB; j++) {
-            qk(j);
+            qk(j, xs);
         }
         sum_over_lanes(lid);
         softmax_step(w, t0, z);

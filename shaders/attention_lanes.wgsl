@@ -18,7 +18,7 @@
 // array stay loops: the unrolled code already outgrows the instruction cache, and
 // unrolling the 8 keys of p . V as well measured slower (and compiled longer).
 
-override K_DTYPE: u32 = 1u; // packing: 0 16-bit pairs, 1 bytes + scale, 2 Int4 (common.wgsl)
+override K_DTYPE: u32 = 1u; // packing: 0 16-bit pairs, 1 bytes + scale, 2 Int4, 3 Int4 per channel (common.wgsl)
 override V_DTYPE: u32 = 1u;
 override K_CODE: u32 = 0u;  // format within it: 0 F16 / Int8, 1 BF16 / FP8 E4M3, 2 FP8 E5M2
 override V_CODE: u32 = 0u;
@@ -34,12 +34,14 @@ override NORM_BITS: u32 = 0x3f800000u; // f32 bits of 1/sqrt(HEAD_DIM)
 
 const LANES: u32 = 8u;
 override DL: u32 = HEAD_DIM / LANES; // output dims per lane
-override K_CHUNKS: u32 = HEAD_DIM / (8u << K_DTYPE); // vec4 words per K row
+override K_CHUNKS: u32 = HEAD_DIM / (8u << min(K_DTYPE, 2u)); // vec4 words per K row
 override V_WORDS: u32 = DL / (2u << V_DTYPE); // words of V per lane and row
 
 var<workgroup> q_sh: array<f32, 2048>;  // the ROWS q rows while they are staged
 
-var<private> qv: array<f32, 2048>;     // q[r * HEAD_DIM + d], scaled (and rotated)
+var<private> qv: array<f32, 2048>;     // q[r * HEAD_DIM + d], scaled (and rotated); Int4 per
+                                       // channel: times the channel's scale in the current block
+var<private> qmin: array<f32, 8>;      // Int4 per channel: q . the block's mins, per row
 var<private> qsum: array<f32, 256>;    // Int4 K: q summed over key group g, [r * 32 + g]
 var<private> s: array<f32, 8>;         // q . k of this lane's key, per row
 var<private> gdot: array<f32, 8>;      // Int4 K: q . codes within the current group
@@ -89,6 +91,37 @@ fn sum_q(c0: u32) {
     sum_q8(c0 + 4u); sum_q8(c0 + 5u); sum_q8(c0 + 6u); sum_q8(c0 + 7u);
 }
 
+// Int4 per channel: q (staged in q_sh) times the scales of channels 8c..8c+8 of the
+// step's block, whose factors start at k_side[f], into qv, and q . their mins into
+// qmin. The block is the same in every lane: its factors are uniform loads.
+fn scale_q8(f: u32, c: u32) {
+    if (c * 8u >= HEAD_DIM) {
+        return;
+    }
+    for (var e = 0u; e < 8u; e++) {
+        let x = unpack2x16float(k_side[f + c * 8u + e]); // (scale, min)
+        for (var r = 0u; r < ROWS; r++) {
+            let q = q_sh[r * HEAD_DIM + c * 8u + e];
+            qv[r * HEAD_DIM + c * 8u + e] = q * x.x;
+            qmin[r] += q * x.y;
+        }
+    }
+}
+
+fn scale_q(f: u32, c0: u32) {
+    scale_q8(f, c0); scale_q8(f, c0 + 1u); scale_q8(f, c0 + 2u); scale_q8(f, c0 + 3u);
+    scale_q8(f, c0 + 4u); scale_q8(f, c0 + 5u); scale_q8(f, c0 + 6u); scale_q8(f, c0 + 7u);
+}
+
+// Readies qv and qmin for keys of (block, kv head) `bh`.
+fn channel_q(bh: u32) {
+    for (var r = 0u; r < 8u; r++) {
+        qmin[r] = 0.0;
+    }
+    let f = bh * HEAD_DIM;
+    scale_q(f, 0u); scale_q(f, 8u); scale_q(f, 16u); scale_q(f, 24u);
+}
+
 // ---- q . k for this lane's key --------------------------------------------------
 
 // s[r] += q[r][d..d+8] . x
@@ -136,11 +169,16 @@ fn qk_chunk(base: u32, side: u32, c: u32) {
     } else if (K_DTYPE == 1u) {
         dot8(c * 16u, byte_values(w.x, K_CODE), byte_values(w.y, K_CODE));
         dot8(c * 16u + 8u, byte_values(w.z, K_CODE), byte_values(w.w, K_CODE));
-    } else {
+    } else if (K_DTYPE == 2u) {
         int4_word(c * 32u, w.x, side);
         int4_word(c * 32u + 8u, w.y, side);
         int4_word(c * 32u + 16u, w.z, side);
         int4_word(c * 32u + 24u, w.w, side);
+    } else {
+        dot8(c * 32u, int4_codes(w.x, 0u), int4_codes(w.x, 16u));
+        dot8(c * 32u + 8u, int4_codes(w.y, 0u), int4_codes(w.y, 16u));
+        dot8(c * 32u + 16u, int4_codes(w.z, 0u), int4_codes(w.z, 16u));
+        dot8(c * 32u + 24u, int4_codes(w.w, 0u), int4_codes(w.w, 16u));
     }
 }
 
@@ -166,6 +204,11 @@ fn qk(row: u32) {
         let scale = bitcast<f32>(k_side[row]);
         for (var r = 0u; r < ROWS; r++) {
             s[r] *= scale;
+        }
+    }
+    if (K_DTYPE == 3u) {
+        for (var r = 0u; r < ROWS; r++) {
+            s[r] += qmin[r];
         }
     }
 }
@@ -327,6 +370,7 @@ fn main(
         sum_q(0u); sum_q(8u); sum_q(16u); sum_q(24u);
     }
 
+    var block = 0xffffffffu; // Int4 per channel: the (block, kv head) qv is scaled for
     var ma = vec4<f32>(-3.0e38);
     var mb = vec4<f32>(-3.0e38);
     var la = vec4<f32>(0.0);
@@ -342,7 +386,15 @@ fn main(
         let row = kv_addr(w.table_offset, w.kvh, min(t, w.end - 1u));
         let va = visible(t, w.end, pos_a) & vec4<bool>(inside);
         let vb = visible(t, w.end, pos_b) & vec4<bool>(inside);
-        qk(row);
+        if (K_DTYPE == 3u) {
+            // The step's 8 keys lie in one block (work_of aligns them).
+            let bh = kv_addr(w.table_offset, w.kvh, t0) / BLOCK_SIZE;
+            if (bh != block) {
+                block = bh;
+                channel_q(bh);
+            }
+        }
+        qk(key_row(w, min(t, w.end - 1u), row));
         var sa = vec4<f32>(s[0], s[1], s[2], s[3]);
         var sb = vec4<f32>(s[4], s[5], s[6], s[7]);
         if (P.softcap > 0.0) {

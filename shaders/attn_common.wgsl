@@ -35,13 +35,19 @@ struct AttnParams {
 @group(0) @binding(8) var<storage, read_write> partial: array<f32>; // [queries, q_heads, splits, HEAD_DIM + 2]
 
 override Q_F16: u32 = 0u; // 1: q holds f16, two per word, the lower element in the low half
+// Which keys of each sequence a pass takes. Int4Channel K pools run two passes,
+// each into its own splits of the partials: 1, the keys of its full (quantized)
+// blocks; 2, those of its partly filled block, read as F16 from its open block
+// (bound as k_data). 0: all keys.
+override KEYS: u32 = 0u;
 
-// Per sequence, at the start of `work`.
+// Per sequence, at the start of `work` (5 words each).
 struct SeqInfo {
     kv_len: u32,
     table_offset: u32,
     q_offset: u32,
     q_len: u32,
+    open: u32, // the open block of an Int4Channel K pool
 }
 
 // Four Int4 codes of a word, from bit `shift` (0: codes 0-3, 16: codes 4-7).
@@ -107,14 +113,15 @@ struct Work {
     split: u32,
     begin: u32,        // keys [begin, end)
     end: u32,
+    open: u32,         // the sequence's open block (KEYS == 2)
 }
 
 fn work_of(wid: vec3<u32>) -> Work {
     let item = P.work_base + P.work_offset + 2u * wid.z;
     let seq = work[item];
     let first_q = work[item + 1u]; // index of the first query within the sequence
-    let s = P.work_base + 4u * seq;
-    let info = SeqInfo(work[s], work[s + 1u], work[s + 2u], work[s + 3u]);
+    let s = P.work_base + 5u * seq;
+    let info = SeqInfo(work[s], work[s + 1u], work[s + 2u], work[s + 3u], work[s + 4u]);
     let nq = min(QB, info.q_len - first_q);
     let pos0 = info.kv_len - info.q_len + first_q;
     let blocks = (P.ratio + QH - 1u) / QH;
@@ -125,10 +132,21 @@ fn work_of(wid: vec3<u32>) -> Work {
     if (P.window > 0u && pos0 + 1u > P.window) {
         lo = pos0 + 1u - P.window;
     }
-    let begin = lo + wid.y * P.split_len;
-    let end = min(begin + P.split_len, pos0 + nq);
+    if (KEYS != 0u) {
+        // Steps of 8 keys within one block (blocks are multiples of 8): keys below
+        // the window are masked anyway.
+        lo -= lo % 8u;
+    }
+    var begin = lo + wid.y * P.split_len;
+    var end = min(begin + P.split_len, pos0 + nq);
+    let sealed = info.kv_len - info.kv_len % BLOCK_SIZE;
+    if (KEYS == 1u) {
+        end = min(end, sealed);
+    } else if (KEYS == 2u) {
+        begin = max(begin, sealed);
+    }
     return Work(kvh, kvh * P.ratio + first_h, min(QH, P.ratio - first_h), info.q_offset + first_q,
-                nq, pos0, P.tables_base + info.table_offset, wid.y, begin, end);
+                nq, pos0, P.tables_base + info.table_offset, wid.y, begin, end, info.open);
 }
 
 // Row r of the workgroup is query position r / QH and q head r % QH of its block.
@@ -152,6 +170,15 @@ fn partial_start(w: Work, r: u32) -> u32 {
 // key lies outside it (below the window the subtraction wraps).
 fn window_block(table_offset: u32, t: u32) -> u32 {
     return tables[table_offset + t / BLOCK_SIZE] - P.block0;
+}
+
+// K row of key t whose pool row is `row`: in the second pass of an Int4Channel
+// pool (KEYS == 2) the row of its sequence's open block.
+fn key_row(w: Work, t: u32, row: u32) -> u32 {
+    if (KEYS == 2u) {
+        return (w.open * P.kv_heads + w.kvh) * BLOCK_SIZE + t % BLOCK_SIZE;
+    }
+    return row;
 }
 
 // Pool row of key t for kv head kvh within the window; a key outside the window

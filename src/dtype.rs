@@ -27,7 +27,18 @@ pub enum KvDtype {
         /// Elements per scale/min pair; divides head_dim, multiple of 8.
         group: u32,
     },
+    /// Keys only: asymmetric unsigned 4-bit codes, eight per u32 as [`Int4`](Self::Int4),
+    /// with one (f16 scale, f16 min) u32 per (block, kv head, channel): each channel
+    /// of a full block on its own scale, across the block's tokens (KIVI). The
+    /// block still being filled, one per sequence, is kept in F16 until it fills,
+    /// then quantized at once (DESIGN §1). Needs blocks of at least
+    /// [`INT4C_BLOCK`] tokens.
+    Int4Channel,
 }
+
+/// Smallest (and default) block size of an [`KvDtype::Int4Channel`] pool: the
+/// (scale, min) per channel then costs at most one bit per element.
+pub const INT4C_BLOCK: usize = 32;
 
 impl KvDtype {
     /// Int4 with the default group for `head_dim`: the largest of 32, 16, 8 dividing it.
@@ -62,12 +73,16 @@ impl KvDtype {
         head_dim / self.per_word() as usize
     }
 
-    /// u32 words of side data (scales, mins) per (token, head).
+    /// u32 words of side data (scales, mins) per (token, head); for
+    /// [`Int4Channel`](Self::Int4Channel) the per-channel words of a block of
+    /// [`INT4C_BLOCK`] tokens shared out over its tokens (a pool's exact size, its
+    /// F16 open blocks included, is [`PoolLayout`](crate::PoolLayout)'s).
     pub fn side_words_per_head(&self, head_dim: usize) -> usize {
         match *self {
             KvDtype::F16 | KvDtype::Bf16 => 0,
             KvDtype::Int8 | KvDtype::Fp8E4M3 | KvDtype::Fp8E5M2 => 1,
             KvDtype::Int4 { group } => head_dim / group.max(1) as usize,
+            KvDtype::Int4Channel => head_dim.div_ceil(INT4C_BLOCK),
         }
     }
 
@@ -93,17 +108,19 @@ impl KvDtype {
 
     /// Codes per u32 word: 2, 4 or 8.
     pub fn per_word(&self) -> u32 {
-        2 << self.tag()
+        2 << self.tag().min(2)
     }
 
     /// How kernels unpack a word (their `*_DTYPE`): 0, two 16-bit values (F16,
     /// BF16); 1, four bytes times one f32 scale (Int8, FP8); 2, eight Int4 codes
-    /// with a (scale, min) per group.
+    /// with a (scale, min) per group; 3, eight Int4 codes with a (scale, min) per
+    /// (block, channel).
     pub(crate) fn tag(&self) -> u32 {
         match self {
             KvDtype::F16 | KvDtype::Bf16 => 0,
             KvDtype::Int8 | KvDtype::Fp8E4M3 | KvDtype::Fp8E5M2 => 1,
             KvDtype::Int4 { .. } => 2,
+            KvDtype::Int4Channel => 3,
         }
     }
 
@@ -111,16 +128,26 @@ impl KvDtype {
     /// Int4 0; BF16 and FP8 E4M3 1; FP8 E5M2 2.
     pub(crate) fn code(&self) -> u32 {
         match self {
-            KvDtype::F16 | KvDtype::Int8 | KvDtype::Int4 { .. } => 0,
+            KvDtype::F16 | KvDtype::Int8 | KvDtype::Int4 { .. } | KvDtype::Int4Channel => 0,
             KvDtype::Bf16 | KvDtype::Fp8E4M3 => 1,
             KvDtype::Fp8E5M2 => 2,
         }
     }
 
     /// Whether stored values (or side data) are f16, so that inputs past f16's range
-    /// cannot be stored: F16 itself and Int4's f16 scale and min.
+    /// cannot be stored: F16 itself, Int4's f16 scale and min, and Int4Channel's
+    /// F16 open block.
     pub fn f16_bounded(&self) -> bool {
-        matches!(self, KvDtype::F16 | KvDtype::Int4 { .. })
+        matches!(
+            self,
+            KvDtype::F16 | KvDtype::Int4 { .. } | KvDtype::Int4Channel
+        )
+    }
+
+    /// Whether this is [`Int4Channel`](Self::Int4Channel): quantized per block, with
+    /// an F16 open block per sequence.
+    pub fn per_channel(&self) -> bool {
+        matches!(self, KvDtype::Int4Channel)
     }
 
     /// Int4 group size; 0 for other dtypes.
@@ -142,6 +169,7 @@ impl fmt::Display for KvDtype {
             KvDtype::Fp8E5M2 => f.write_str("fp8-e5m2"),
             KvDtype::Int4 { group: 32 } => f.write_str("int4"),
             KvDtype::Int4 { group } => write!(f, "int4:g{group}"),
+            KvDtype::Int4Channel => f.write_str("int4c"),
         }
     }
 }
@@ -150,7 +178,8 @@ impl FromStr for KvDtype {
     type Err = Error;
 
     /// Parses `f16` (or `fp16`), `bf16`, `int8`, `fp8` (= `fp8-e4m3`), `fp8-e5m2`,
-    /// `int4` (group 32) or `int4:gN` (N a positive multiple of 8).
+    /// `int4` (group 32), `int4:gN` (N a positive multiple of 8) or `int4c` (keys
+    /// per channel, also `int4-channel`).
     fn from_str(s: &str) -> Result<Self> {
         let bad = || Error::UnknownDtype(s.to_string());
         match s.trim().to_ascii_lowercase().as_str() {
@@ -160,6 +189,7 @@ impl FromStr for KvDtype {
             "fp8" | "fp8-e4m3" => Ok(KvDtype::Fp8E4M3),
             "fp8-e5m2" => Ok(KvDtype::Fp8E5M2),
             "int4" => Ok(KvDtype::Int4 { group: 32 }),
+            "int4c" | "int4-channel" => Ok(KvDtype::Int4Channel),
             other => {
                 let n = other.strip_prefix("int4:g").ok_or_else(bad)?;
                 if n.starts_with(['+', '0']) {
@@ -178,6 +208,7 @@ impl FromStr for KvDtype {
 /// Names, nominal sizes and the bit-width vocabulary.
 impl KvDtype {
     /// Every format, least compact first; Int4 with its default group of 32.
+    /// Int4Channel, a key-only format, is not among them.
     pub const ALL: [KvDtype; 6] = [
         KvDtype::F16,
         KvDtype::Bf16,
@@ -189,7 +220,8 @@ impl KvDtype {
 
     /// The names [`FromStr`] accepts, for help texts.
     pub const NAMES: &'static str = "f16 (or fp16), bf16, int8, fp8 (= fp8-e4m3), fp8-e5m2, \
-                                     int4 (group 32), int4:gN (N a multiple of 8)";
+                                     int4 (group 32), int4:gN (N a multiple of 8), \
+                                     int4c (keys only: per channel over each block)";
 
     /// Bits of one element's code, side data (scales, mins) left out: 16, 8 or 4.
     /// [`bits_per_element`](Self::bits_per_element) counts the side data too.
@@ -204,10 +236,10 @@ impl KvDtype {
     }
 
     /// Ordinal of compactness, 0 the largest: F16 and BF16 0, Int8 and both FP8s 1,
-    /// Int4 (any group) 2. Formats of one width tie: which of them keeps more of a
+    /// Int4 (any group) and Int4Channel 2. Formats of one width tie: which of them keeps more of a
     /// tensor depends on its values, not on its size.
     pub fn compactness(&self) -> u8 {
-        self.tag() as u8
+        self.tag().min(2) as u8
     }
 
     /// The dtype stored in `bits` bits per element, where only one is: 4 gives
@@ -246,5 +278,5 @@ impl KvDtype {
 #[cfg(feature = "serde")]
 crate::levels::serde_via_str!(
     KvDtype,
-    "a KV dtype name (f16, bf16, int8, fp8, fp8-e5m2, int4, int4:gN)"
+    "a KV dtype name (f16, bf16, int8, fp8, fp8-e5m2, int4, int4:gN, int4c)"
 );

@@ -11,7 +11,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// A dtype string that does not parse (`f16`, `int8`, `int4`, `int4:g64`, …).
     #[error(
-        "unknown KV dtype {0:?}: expected f16, bf16, int8, fp8 (fp8-e4m3), fp8-e5m2, int4 or int4:gN (N a multiple of 8)"
+        "unknown KV dtype {0:?}: expected f16, bf16, int8, fp8 (fp8-e4m3), fp8-e5m2, int4, int4:gN (N a multiple of 8) or int4c"
     )]
     UnknownDtype(String),
 
@@ -51,6 +51,18 @@ pub enum Error {
         /// Blocks the request needs.
         needed: usize,
         /// Blocks that are free.
+        free: usize,
+    },
+
+    /// Int4Channel keys: more sequences would hold a partly filled block than the
+    /// cache has open blocks (`CacheConfig::open_blocks`).
+    #[error(
+        "open blocks exhausted: {needed} sequences need an open block for their partly filled block, {free} free (raise CacheConfig::open_blocks)"
+    )]
+    OpenBlocksExhausted {
+        /// Open blocks the request needs.
+        needed: usize,
+        /// Open blocks that are free (or released by the request).
         free: usize,
     },
 

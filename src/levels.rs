@@ -124,7 +124,7 @@ impl TryFrom<KvDtype> for CacheLevel {
             KvDtype::F16 => Ok(CacheLevel::Fp16),
             KvDtype::Int8 => Ok(CacheLevel::Q8),
             KvDtype::Fp8E4M3 => Ok(CacheLevel::Fp8),
-            KvDtype::Int4 { .. } => Ok(CacheLevel::Q4),
+            KvDtype::Int4 { .. } | KvDtype::Int4Channel => Ok(CacheLevel::Q4),
             KvDtype::Bf16 | KvDtype::Fp8E5M2 => Err(Error::InvalidConfig(format!(
                 "KV dtype {d} has no cache level: the levels are fp16 (f16), q8 (int8), fp8 (fp8-e4m3) and q4 (int4)"
             ))),
@@ -271,9 +271,11 @@ impl TryFrom<KvDtype> for WeightLevel {
             KvDtype::Bf16 => Ok(WeightLevel::Bfloat16),
             KvDtype::Int8 => Ok(WeightLevel::Int8),
             KvDtype::Int4 { .. } => Ok(WeightLevel::Int4),
-            KvDtype::Fp8E4M3 | KvDtype::Fp8E5M2 => Err(Error::InvalidConfig(format!(
-                "KV dtype {d} has no weight level: the levels are float16, bfloat16, int8 and int4"
-            ))),
+            KvDtype::Fp8E4M3 | KvDtype::Fp8E5M2 | KvDtype::Int4Channel => {
+                Err(Error::InvalidConfig(format!(
+                    "KV dtype {d} has no weight level: the levels are float16, bfloat16, int8 and int4"
+                )))
+            }
         }
     }
 }

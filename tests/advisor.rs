@@ -46,10 +46,12 @@ fn the_most_accurate_choice_that_fits() {
     let c = advise(24 * GIB, SEVEN_B, TOKENS).unwrap();
     assert_eq!((c.k, c.v, c.rotate), (KvDtype::Int8, KvDtype::Int8, true));
     assert_eq!(c.bytes, 264 * 32 * 8 * TOKENS as u64);
-    // 12 GiB: only the INT4 pairs fit; group 32 rotated is the more accurate.
+    // 12 GiB: only the 4-bit pairs fit; keys per channel (int4c, as many bytes as
+    // int4 group 32) rotated are the most accurate.
     let c = advise(12 * GIB, SEVEN_B, TOKENS).unwrap();
     let g32 = KvDtype::Int4 { group: 32 };
-    assert_eq!((c.k, c.v, c.rotate), (g32, g32, true));
+    assert_eq!((c.k, c.v, c.rotate), (KvDtype::Int4Channel, g32, true));
+    assert_eq!(c.bytes, 2 * 80 * 32 * 8 * TOKENS as u64);
     for c in choices(SEVEN_B, TOKENS) {
         let best = advise(c.bytes, SEVEN_B, TOKENS).unwrap();
         assert!(best.bytes <= c.bytes && best.nmse <= c.nmse);

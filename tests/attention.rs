@@ -26,7 +26,7 @@ fn format_nmse(d: KvDtype) -> f64 {
         KvDtype::Int8 => 1e-3,
         KvDtype::Fp8E4M3 => 4e-3,
         KvDtype::Fp8E5M2 => 1.5e-2,
-        KvDtype::Int4 { .. } => 4e-2,
+        KvDtype::Int4 { .. } | KvDtype::Int4Channel => 4e-2,
     }
 }
 
@@ -258,7 +258,7 @@ fn hand_worked_case() {
             let tol = match dt {
                 KvDtype::F16 | KvDtype::Bf16 | KvDtype::Fp8E4M3 | KvDtype::Fp8E5M2 => 1e-6,
                 KvDtype::Int8 => 1e-5,
-                KvDtype::Int4 { .. } => 2e-3,
+                KvDtype::Int4 { .. } | KvDtype::Int4Channel => 2e-3,
             };
             for (i, (g, w)) in out.iter().zip(want).enumerate() {
                 assert!(

@@ -40,6 +40,7 @@ fn config(
         k_dtype: k,
         v_dtype: v,
         rotate: false,
+        open_blocks: kvq::cache::OPEN_BLOCKS,
     }
 }
 

@@ -693,7 +693,10 @@ fn reference_encode(dtype: KvDtype, x: &[f32]) -> (Vec<u32>, Vec<u32>) {
             (data, side)
         }
         // Checked against the `half` crate and by exhaustive search (`mod bf16_fp8`).
-        KvDtype::Bf16 | KvDtype::Fp8E4M3 | KvDtype::Fp8E5M2 => unreachable!(),
+        // Checked per block in tests/int4c.rs.
+        KvDtype::Bf16 | KvDtype::Fp8E4M3 | KvDtype::Fp8E5M2 | KvDtype::Int4Channel => {
+            unreachable!()
+        }
     }
 }
 
@@ -702,7 +705,11 @@ fn error_bound(dtype: KvDtype, x: &[f32], side: &[u32], e: usize) -> f32 {
     let v = x[e];
     let ulps = |m: f32| 4.0 * f32::EPSILON * m;
     match dtype {
-        KvDtype::F16 | KvDtype::Bf16 | KvDtype::Fp8E4M3 | KvDtype::Fp8E5M2 => unreachable!(),
+        KvDtype::F16
+        | KvDtype::Bf16
+        | KvDtype::Fp8E4M3
+        | KvDtype::Fp8E5M2
+        | KvDtype::Int4Channel => unreachable!(),
         KvDtype::Int8 => {
             let scale = f32::from_bits(side[0]);
             // Subnormal scales lose relative precision: allow a tiny absolute slack.
@@ -823,7 +830,10 @@ proptest! {
                         let (s, lo) = int4_side(got.1[e / group as usize]);
                         (lo + int4_code(&got.0, e) as f32 * s).to_bits()
                     }
-                    KvDtype::Bf16 | KvDtype::Fp8E4M3 | KvDtype::Fp8E5M2 => unreachable!(),
+                    KvDtype::Bf16
+                    | KvDtype::Fp8E4M3
+                    | KvDtype::Fp8E5M2
+                    | KvDtype::Int4Channel => unreachable!(),
                 };
                 prop_assert_eq!(b.to_bits(), expect, "{} element {}", dt, e);
             }

@@ -996,6 +996,7 @@ fn row_words(dt: KvDtype, d: usize) -> usize {
         KvDtype::F16 | KvDtype::Bf16 => d / 2,
         KvDtype::Int8 | KvDtype::Fp8E4M3 | KvDtype::Fp8E5M2 => d / 4 + 1,
         KvDtype::Int4 { group } => d / 8 + d / group as usize,
+        KvDtype::Int4Channel => d / 8 + d.div_ceil(32),
     }
 }
 
@@ -1468,6 +1469,7 @@ impl<'a> Harness<'a> {
             k_dtype: k,
             v_dtype: v,
             rotate,
+            open_blocks: kvq::cache::OPEN_BLOCKS,
         };
         let cache = KvCache::new(b.clone(), cfg).map_err(|e| format!("new cache: {e}"))?;
         let mut other = KvCache::new(b.clone(), cfg).map_err(|e| format!("other cache: {e}"))?;
@@ -2104,6 +2106,7 @@ impl<'a> Harness<'a> {
             k_dtype: dt(spec.k),
             v_dtype: dt(spec.v),
             rotate: spec.rotate,
+            open_blocks: kvq::cache::OPEN_BLOCKS,
         };
         let want = want_config(&cfg);
         let valid = cfg.validate();

@@ -380,7 +380,7 @@ fn describe_row(l: &PoolLayout, data: &[u32], side: &[u32], x: &[f32], elems: &[
                 .collect();
             let _ = write!(s, ", groups {}", f.join(" "));
         }
-        KvDtype::F16 | KvDtype::Bf16 => {}
+        KvDtype::F16 | KvDtype::Bf16 | KvDtype::Int4Channel => {}
     }
     // The host quantizer on the same vector.
     let mut v = x.to_vec();

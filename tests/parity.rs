@@ -35,7 +35,7 @@ fn codes(dtype: KvDtype, words: &[u32]) -> Vec<i32> {
             .iter()
             .flat_map(|w| (0..4).map(move |i| (*w >> (8 * i)) as u8 as i8 as i32))
             .collect(),
-        KvDtype::Int4 { .. } => words
+        KvDtype::Int4 { .. } | KvDtype::Int4Channel => words
             .iter()
             .flat_map(|w| (0..8).map(move |i| ((*w >> (4 * i)) & 15) as i32))
             .collect(),

@@ -13,7 +13,7 @@ use kvq::{CacheConfig, KvDtype};
 /// Storage buffers + the uniform each kernel binds in `src/wgpu/`.
 fn bindings(kernel: Kernel) -> usize {
     match kernel {
-        Kernel::QuantizeAppend | Kernel::Dequantize => 5,
+        Kernel::QuantizeAppend | Kernel::Dequantize | Kernel::Seal => 5,
         Kernel::Attention | Kernel::AttentionSubgroup | Kernel::AttentionLanes => 9,
         Kernel::AttnReduce | Kernel::Stream => 3,
     }
@@ -31,31 +31,48 @@ fn keys() -> Vec<PipelineKey> {
         for &rotate in rotations {
             let cfg = CacheConfig::new(1, 2, d, 64).with_rotation(rotate);
             keys.push(PipelineKey::reduce(&cfg.layout(KvDtype::F16)));
-            for k in dtypes(d) {
+            for k in dtypes(d).into_iter().chain([KvDtype::Int4Channel]) {
+                let cfg = cfg.with_dtypes(k, KvDtype::F16);
                 let kl = cfg.layout(k);
-                for kernel in [Kernel::QuantizeAppend, Kernel::Dequantize] {
-                    keys.push(PipelineKey::rows(kernel, &kl));
+                if k.per_channel() {
+                    // Staging and open blocks are written by the F16 kernel.
+                    keys.push(PipelineKey::rows(Kernel::Dequantize, &kl));
+                    keys.push(PipelineKey::seal(&kl));
+                } else {
+                    for kernel in [Kernel::QuantizeAppend, Kernel::Dequantize] {
+                        keys.push(PipelineKey::rows(kernel, &kl));
+                    }
                 }
+                // An Int4Channel pool's second pass reads its open blocks as F16.
+                let passes: Vec<_> = if k.per_channel() {
+                    vec![kl, kl.open_view()]
+                } else {
+                    vec![kl]
+                };
                 for v in [KvDtype::F16, KvDtype::Int8, KvDtype::int4_default(d)] {
                     let vl = cfg.layout(v);
-                    for ratio in 1u32..=8 {
-                        let prefill = prefill_heads_per_group(ratio);
-                        for (qh, qb) in [(decode_heads_per_group(ratio), 1), (prefill, 8 / prefill)]
-                        {
-                            // The default register budget and the smallest lanes.
-                            let mut shapes = [LANE_FLOATS, 8]
-                                .map(|floats| lane_shape(&kl, &vl, qh * qb, floats))
-                                .to_vec();
-                            shapes.dedup();
-                            for shape in shapes {
-                                for subgroup in [false, true] {
-                                    keys.push(PipelineKey::attention(
-                                        &kl, &vl, qh, qb, shape, subgroup,
-                                    ));
+                    for (pass, kl) in passes.iter().enumerate() {
+                        let open = |key: PipelineKey| if pass == 1 { key.open_pass() } else { key };
+                        for ratio in 1u32..=8 {
+                            let prefill = prefill_heads_per_group(ratio);
+                            for (qh, qb) in
+                                [(decode_heads_per_group(ratio), 1), (prefill, 8 / prefill)]
+                            {
+                                // The default register budget and the smallest lanes.
+                                let mut shapes = [LANE_FLOATS, 8]
+                                    .map(|floats| lane_shape(kl, &vl, qh * qb, floats))
+                                    .to_vec();
+                                shapes.dedup();
+                                for shape in shapes {
+                                    for subgroup in [false, true] {
+                                        keys.push(open(PipelineKey::attention(
+                                            kl, &vl, qh, qb, shape, subgroup,
+                                        )));
+                                    }
                                 }
-                            }
-                            if lanes_fit(&kl, &vl) {
-                                keys.push(PipelineKey::attention_lanes(&kl, &vl, qh, qb));
+                                if lanes_fit(kl, &vl) {
+                                    keys.push(open(PipelineKey::attention_lanes(kl, &vl, qh, qb)));
+                                }
                             }
                         }
                     }

@@ -58,8 +58,8 @@ __device__ Work work_of(const AttnParams& P, const AttnShape& S, const u32* work
     u32 item = P.work_offset + 2 * blockIdx.z;
     u32 seq = work[item];
     u32 first_q = work[item + 1];
-    u32 kv_len = work[4 * seq], table_offset = work[4 * seq + 1];
-    u32 q_offset = work[4 * seq + 2], q_len = work[4 * seq + 3];
+    u32 kv_len = work[5 * seq], table_offset = work[5 * seq + 1];
+    u32 q_offset = work[5 * seq + 2], q_len = work[5 * seq + 3];
     Work w;
     w.nq = min(qb, q_len - first_q);
     w.pos0 = kv_len - q_len + first_q;

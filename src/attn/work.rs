@@ -4,7 +4,7 @@
 //! number of workgroups it wants in flight.
 
 use super::Resolved;
-use crate::backend::Step;
+use crate::backend::{SeqInfo, Step};
 use crate::cache::PoolLayout;
 
 /// Keys of a split are a multiple of this (and of the kernel's keys per step).
@@ -125,7 +125,7 @@ impl Work {
         let mut words: Vec<u32> = step
             .seqs
             .iter()
-            .flat_map(|s| bytemuck::cast::<_, [u32; 4]>(*s))
+            .flat_map(|s| bytemuck::cast::<_, [u32; SeqInfo::WORDS]>(*s))
             .collect();
         let items_offset = words.len() as u32;
         for (i, s) in step.seqs.iter().enumerate() {

@@ -6,7 +6,7 @@ mod record;
 mod select;
 
 pub use buffer::DeviceBuffer;
-pub use record::{Elem, Encoder, Prepared, SeqInfo, Step, Tensor};
+pub use record::{Elem, Encoder, Prepared, Seal, SeqInfo, Step, Tensor};
 pub(crate) use select::Opener;
 pub use select::{
     Candidate, Preference, Probe, Selected, probe, probe_async, select, select_async,
@@ -201,8 +201,21 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// and reports device errors raised meanwhile.
     fn run(&self, record: &mut dyn FnMut(&mut Encoder<'_>) -> Result<()>) -> Result<()>;
 
+    /// Moves the keys of Int4Channel pool slots back into open blocks, for each
+    /// (quantized slot, open slot) pair: dequantized, then stored F16 as the open
+    /// block holds keys (a truncate into a full block reopens it, DESIGN §2).
+    /// Waits until done.
+    fn reopen(&self, pool: &Pool, moves: &[[u32; 2]]) -> Result<()> {
+        let _ = (pool, moves);
+        Err(Error::Unsupported(format!(
+            "int4c keys on the {} backend",
+            self.info().kind
+        )))
+    }
+
     /// Dequantizes the tokens at `slots` of `pool` into `out` (`[tokens, kv_heads, head_dim]`
-    /// f32 bits); for tests and debugging.
+    /// f32 bits); for tests and debugging. An Int4Channel pool's slots past its
+    /// capacity address its open blocks.
     fn dequantize(
         &self,
         pool: &Pool,

@@ -114,7 +114,7 @@ impl<'a> Tensor<'a> {
     }
 }
 
-/// Per-sequence record read by attention kernels (4 u32 words).
+/// Per-sequence record read by attention kernels (5 u32 words).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Pod, Zeroable, Default)]
 #[repr(C)]
 pub struct SeqInfo {
@@ -126,6 +126,30 @@ pub struct SeqInfo {
     pub q_offset: u32,
     /// Queries: the last `q_len` cached positions (1 for decode).
     pub q_len: u32,
+    /// Int4Channel keys: the open block holding the keys of its partly filled last
+    /// block (any value when it has none).
+    pub open: u32,
+}
+
+impl SeqInfo {
+    /// Words of one record.
+    pub const WORDS: usize = 5;
+}
+
+/// One block an append fills, for an Int4Channel K pool to quantize (4 u32 words):
+/// its first `from_open` tokens come from open block `open`, the rest are the
+/// step's new keys from token `first` on (DESIGN §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Pod, Zeroable, Default)]
+#[repr(C)]
+pub struct Seal {
+    /// The pool block quantized.
+    pub block: u32,
+    /// The open block its earlier tokens are in.
+    pub open: u32,
+    /// How many of its tokens are in the open block.
+    pub from_open: u32,
+    /// The step's token (its index in k) of the block's first new token.
+    pub first: u32,
 }
 
 /// The host's description of one step over a cache whose pools are laid out as
@@ -138,6 +162,11 @@ pub struct Step<'a> {
     pub v: &'a PoolLayout,
     /// Pool slot of each new token, in batch order (empty: nothing to append).
     pub slots: &'a [u32],
+    /// Int4Channel keys: each new token's key slot in its open block, or `u32::MAX`
+    /// where a seal takes it (empty otherwise).
+    pub open_slots: &'a [u32],
+    /// Int4Channel keys: the blocks the append fills.
+    pub seals: &'a [Seal],
     /// One record per sequence attended (empty: no attention).
     pub seqs: &'a [SeqInfo],
     /// Their block tables, flat.
@@ -150,13 +179,17 @@ pub struct Step<'a> {
 
 /// A step's records in one array, each region (offset, bytes) at a multiple of the
 /// alignment it was laid out with: the append slots, the attention kernel's work
-/// records, the block tables.
+/// records, the block tables, and for Int4Channel keys the open slots, the seals
+/// and the identity slots that stage the new keys.
 #[derive(Debug, Clone)]
 pub(crate) struct Records {
     pub(crate) words: Vec<u32>,
     pub(crate) slots: (u64, u64),
     pub(crate) work: (u64, u64),
     pub(crate) tables: (u64, u64),
+    pub(crate) open_slots: (u64, u64),
+    pub(crate) seals: (u64, u64),
+    pub(crate) stage: (u64, u64),
 }
 
 impl Step<'_> {
@@ -173,12 +206,76 @@ impl Step<'_> {
         let slots = region(self.slots);
         let work = region(work);
         let tables = region(self.tables);
+        let open_slots = region(self.open_slots);
+        let seals = region(bytemuck::cast_slice(self.seals));
+        let identity: Vec<u32> = if self.seals.is_empty() {
+            Vec::new()
+        } else {
+            (0..self.slots.len() as u32).collect()
+        };
+        let stage = region(&identity);
         Records {
             words,
             slots,
             work,
             tables,
+            open_slots,
+            seals,
+            stage,
         }
+    }
+
+    /// Checks the Int4Channel records: open slots (one per token) within the open
+    /// blocks, seals of pool blocks from open blocks, their tokens within the step,
+    /// and every sequence's open block.
+    fn check_open(&self) -> Result<()> {
+        let k = self.k;
+        let bs = k.block_size;
+        if !k.dtype.per_channel() {
+            if self.open_slots.is_empty() && self.seals.is_empty() {
+                return Ok(());
+            }
+            return Err(Error::InvalidConfig(
+                "open slots and seals are for int4c key pools".into(),
+            ));
+        }
+        if self.open_slots.len() != self.slots.len() {
+            return Err(Error::ShapeMismatch {
+                what: "open slots",
+                expected: self.slots.len(),
+                got: self.open_slots.len(),
+            });
+        }
+        let (capacity, opens) = (k.capacity(), k.open_blocks * bs);
+        let bad_slot =
+            |&&s: &&u32| s != u32::MAX && !(capacity..capacity + opens).contains(&(s as usize));
+        if let Some(&s) = self.open_slots.iter().find(bad_slot) {
+            return Err(Error::OutOfRange {
+                what: "open slot",
+                value: s as usize,
+                limit: capacity + opens,
+            });
+        }
+        for s in self.seals {
+            let tokens = (s.first as usize).checked_add(bs - (s.from_open as usize).min(bs));
+            if s.block as usize >= k.num_blocks
+                || s.open as usize >= k.open_blocks
+                || s.from_open as usize >= bs
+                || tokens.is_none_or(|end| end > self.slots.len())
+            {
+                return Err(Error::InvalidConfig(format!("bad seal {s:?}")));
+            }
+        }
+        if let Some(s) = self
+            .seqs
+            .iter()
+            .find(|s| s.kv_len as usize % bs != 0 && s.open as usize >= k.open_blocks)
+        {
+            return Err(Error::InvalidConfig(format!(
+                "bad sequence record {s:?}: no open block"
+            )));
+        }
+        Ok(())
     }
 
     /// Total queries.
@@ -216,6 +313,7 @@ impl Step<'_> {
                 limit: capacity,
             });
         }
+        self.check_open()?;
         if let Some(&b) = self.tables.iter().find(|&&b| b as usize >= k.num_blocks) {
             return Err(Error::OutOfRange {
                 what: "block",

@@ -1,6 +1,10 @@
 //! `CacheConfig` and the pool layout of DESIGN §2.
 
+use crate::dtype::INT4C_BLOCK;
 use crate::{Error, KvDtype, Result};
+
+/// Default [`CacheConfig::open_blocks`].
+pub const OPEN_BLOCKS: usize = 256;
 
 /// Shape and formats of a paged KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +26,10 @@ pub struct CacheConfig {
     /// Store K and V Walsh–Hadamard rotated (head_dim a power of two); attention
     /// rotates q to match and rotates its output back, so results keep their meaning.
     pub rotate: bool,
+    /// Int4Channel keys only: F16 blocks per layer for the partly filled block of
+    /// each sequence, so at most this many sequences (and at most `num_blocks`)
+    /// hold a partly filled block at once (default [`OPEN_BLOCKS`]).
+    pub open_blocks: usize,
 }
 
 impl CacheConfig {
@@ -36,13 +44,24 @@ impl CacheConfig {
             k_dtype: KvDtype::Int8,
             v_dtype: KvDtype::Int8,
             rotate: false,
+            open_blocks: OPEN_BLOCKS,
         }
     }
 
-    /// Sets the key and value formats.
+    /// Sets the key and value formats. Int4Channel keys need blocks of at least
+    /// [`INT4C_BLOCK`] tokens: a smaller block size is raised to it (capacity kept).
     pub fn with_dtypes(mut self, k: KvDtype, v: KvDtype) -> Self {
         self.k_dtype = k;
         self.v_dtype = v;
+        if k.per_channel() && self.block_size < INT4C_BLOCK {
+            self = self.with_block_size(INT4C_BLOCK);
+        }
+        self
+    }
+
+    /// Sets [`open_blocks`](Self::open_blocks).
+    pub fn with_open_blocks(mut self, open_blocks: usize) -> Self {
+        self.open_blocks = open_blocks;
         self
     }
 
@@ -76,6 +95,24 @@ impl CacheConfig {
         }
         self.k_dtype.check(self.head_dim)?;
         self.v_dtype.check(self.head_dim)?;
+        if self.v_dtype.per_channel() {
+            return Err(Error::Unsupported(
+                "int4c stores keys only: values are quantized per token (int4, int8, ...)".into(),
+            ));
+        }
+        if self.k_dtype.per_channel() {
+            if self.block_size < INT4C_BLOCK || self.block_size % 8 != 0 {
+                return Err(Error::InvalidConfig(format!(
+                    "int4c keys need a block_size of at least {INT4C_BLOCK} and a multiple of 8, got {}",
+                    self.block_size
+                )));
+            }
+            if self.open_blocks == 0 {
+                return Err(Error::InvalidConfig(
+                    "int4c keys need at least one open block".into(),
+                ));
+            }
+        }
         self.layout(self.k_dtype).check()?;
         // Word indices must fit u32 on every device.
         for dtype in [self.k_dtype, self.v_dtype] {
@@ -121,6 +158,11 @@ impl CacheConfig {
             block_size: self.block_size,
             num_blocks: self.num_blocks,
             rotated: self.rotate,
+            open_blocks: if dtype.per_channel() {
+                self.open_blocks.min(self.num_blocks)
+            } else {
+                0
+            },
         }
     }
 
@@ -129,12 +171,11 @@ impl CacheConfig {
         self.num_blocks * self.block_size
     }
 
-    /// Bytes one token occupies over all layers, K and V.
+    /// Bytes one token occupies over all layers, K and V (open blocks left out).
     pub fn bytes_per_token(&self) -> usize {
-        self.layers
-            * self.kv_heads
-            * (self.k_dtype.bytes_per_token_head(self.head_dim)
-                + self.v_dtype.bytes_per_token_head(self.head_dim))
+        let block =
+            self.layout(self.k_dtype).block_bytes() + self.layout(self.v_dtype).block_bytes();
+        self.layers * block.div_ceil(self.block_size)
     }
 }
 
@@ -153,6 +194,8 @@ pub struct PoolLayout {
     pub num_blocks: usize,
     /// Vectors are stored Walsh–Hadamard rotated ([`crate::quant::hadamard`]).
     pub rotated: bool,
+    /// Int4Channel: F16 open blocks after the factors in the side array (else 0).
+    pub open_blocks: usize,
 }
 
 impl PoolLayout {
@@ -189,9 +232,54 @@ impl PoolLayout {
         self.data_words().next_multiple_of(4)
     }
 
-    /// Total side words.
+    /// Total side words: for Int4Channel the factors, then the open blocks from
+    /// [`open_base`](Self::open_base).
     pub fn side_words(&self) -> usize {
+        if self.dtype.per_channel() {
+            return self.open_base()
+                + self.open_blocks * self.block_size * self.kv_heads * self.head_dim / 2;
+        }
         self.num_blocks * self.kv_heads * self.block_size * self.side_per_head()
+    }
+
+    /// Int4Channel: where the factors of (block, head) start in the side array,
+    /// one word per channel.
+    pub fn factors(&self, block: usize, head: usize) -> usize {
+        (block * self.kv_heads + head) * self.head_dim
+    }
+
+    /// Int4Channel: where the open blocks start in the side array (after the
+    /// factors, at a 256-byte boundary so that kernels can bind them alone).
+    pub fn open_base(&self) -> usize {
+        (self.num_blocks * self.kv_heads * self.head_dim).next_multiple_of(64)
+    }
+
+    /// Slots of the quantized blocks; an Int4Channel pool's slots past them,
+    /// `capacity + open * block_size + offset`, address its open blocks.
+    pub fn capacity(&self) -> usize {
+        self.num_blocks * self.block_size
+    }
+
+    /// An Int4Channel pool's open blocks as an F16 pool of their own (the side
+    /// array from [`open_base`](Self::open_base) on), as the kernels that write and
+    /// read them see it.
+    pub fn open_view(&self) -> PoolLayout {
+        PoolLayout {
+            dtype: KvDtype::F16,
+            num_blocks: self.open_blocks,
+            open_blocks: 0,
+            ..*self
+        }
+    }
+
+    /// Bytes of one block of every kv head, codes and side data (open blocks left out).
+    pub fn block_bytes(&self) -> usize {
+        let side = if self.dtype.per_channel() {
+            self.kv_heads * self.head_dim
+        } else {
+            self.kv_heads * self.block_size * self.side_per_head()
+        };
+        4 * (self.kv_heads * self.block_size * self.words_per_head() + side)
     }
 
     /// Index of the (token slot, head) row: `(b * kv_heads + h) * block_size + s`,

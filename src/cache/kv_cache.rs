@@ -6,7 +6,7 @@ use crate::backend::{Backend, DeviceBuffer, Pool, Prepared, Tensor};
 use crate::quant::{F16_MAX, check_finite, hadamard};
 use crate::{AttnParams, Error, KvDtype, Result};
 
-use super::{BlockManager, CacheConfig, SeqId};
+use super::{BlockManager, CacheConfig, Extension, SeqId};
 
 static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -14,7 +14,7 @@ static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 /// layer with [`KvCache::write`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
-    slots: Vec<u32>,
+    ext: Extension,
     cache: u64,
     epoch: u64,
 }
@@ -22,19 +22,24 @@ pub struct Reservation {
 impl Reservation {
     /// Number of tokens reserved.
     pub fn tokens(&self) -> usize {
-        self.slots.len()
+        self.ext.slots.len()
     }
 
     /// Pool slot (`block * block_size + offset`) of each token, in batch order.
     pub fn slots(&self) -> &[u32] {
-        &self.slots
+        &self.ext.slots
+    }
+
+    /// Where the tokens' keys go in an Int4Channel K pool (open slots, seals).
+    pub fn extension(&self) -> &Extension {
+        &self.ext
     }
 }
 
 /// Memory held by a cache (all layers, K and V, codes and side data).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MemoryReport {
-    /// Bytes allocated on the device for the pools.
+    /// Bytes allocated on the device for the pools (Int4Channel open blocks included).
     pub bytes_reserved: usize,
     /// Bytes of the blocks in use.
     pub bytes_used: usize,
@@ -110,8 +115,12 @@ impl KvCache {
                 })
             })
             .collect::<Result<_>>()?;
+        let mut blocks = BlockManager::new(config.num_blocks, config.block_size);
+        if config.k_dtype.per_channel() {
+            blocks = blocks.with_open_blocks(config.layout(config.k_dtype).open_blocks);
+        }
         Ok(KvCache {
-            blocks: BlockManager::new(config.num_blocks, config.block_size),
+            blocks,
             backend,
             config,
             layers,
@@ -153,9 +162,23 @@ impl KvCache {
         Ok(())
     }
 
-    /// Shortens a sequence (e.g. to roll back rejected speculative tokens).
+    /// Shortens a sequence (e.g. to roll back rejected speculative tokens). With
+    /// Int4Channel keys, a cut inside a block that was full reopens it: its kept
+    /// keys are dequantized back into the sequence's open block (F16), so the block
+    /// is quantized again when it refills. All or nothing.
     pub fn truncate(&mut self, id: SeqId, len: usize) -> Result<()> {
-        self.blocks.truncate(id, len)?;
+        let before = self.blocks.clone();
+        let moves = self.blocks.truncate(id, len)?;
+        if !moves.is_empty() {
+            let reopened = self
+                .layers
+                .iter()
+                .try_for_each(|l| self.backend.reopen(&l.k, &moves));
+            if let Err(e) = reopened {
+                self.blocks = before;
+                return Err(e);
+            }
+        }
         self.epoch += 1;
         Ok(())
     }
@@ -168,10 +191,10 @@ impl KvCache {
     /// Reserves slots for `n` new tokens of each listed sequence (all or nothing).
     /// Lengths grow now; write the tokens' K/V into every layer with [`Self::write`].
     pub fn extend(&mut self, batch: &[(SeqId, usize)]) -> Result<Reservation> {
-        let slots = self.blocks.extend(batch)?;
+        let ext = self.blocks.grow(batch)?;
         self.epoch += 1;
         Ok(Reservation {
-            slots,
+            ext,
             cache: self.id,
             epoch: self.epoch,
         })
@@ -188,7 +211,7 @@ impl KvCache {
         if r.tokens() == 0 {
             return Ok(());
         }
-        let step = self.prepare_append(&r.slots)?;
+        let step = self.prepare_append(&r.ext)?;
         let (k, v) = (self.upload_f32(k)?, self.upload_f32(v)?);
         self.backend.run(&mut |enc| {
             self.backend.record_append(
@@ -239,7 +262,7 @@ impl KvCache {
         if per_layer == 0 {
             return Ok(());
         }
-        let step = self.prepare_append(&r.slots)?;
+        let step = self.prepare_append(&r.ext)?;
         let layers = (0..self.config.layers)
             .map(|l| {
                 let span = l * per_layer..(l + 1) * per_layer;
@@ -317,6 +340,7 @@ impl KvCache {
         if slots.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
+        let k_slots = self.key_slots(seq, positions, &slots)?;
         let n = slots.len();
         // Every row is memory the caller asked for: past usize, nothing can hold it.
         let values = n
@@ -326,14 +350,36 @@ impl KvCache {
                 value: n,
                 limit: usize::MAX / (self.config.kv_heads * self.config.head_dim).max(1),
             })?;
-        let slots = self.upload(&slots)?;
-        let read = |pool: &Pool| -> Result<Vec<f32>> {
+        let read = |pool: &Pool, slots: &[u32]| -> Result<Vec<f32>> {
+            let slots = self.upload(slots)?;
             let out = self.backend.alloc(values)?;
             self.backend.dequantize(pool, &slots, n, &out)?;
             let words = self.backend.download(&out, 0, values)?;
             Ok(bytemuck::cast_slice(&words).to_vec())
         };
-        Ok((read(&pools.k)?, read(&pools.v)?))
+        Ok((read(&pools.k, &k_slots)?, read(&pools.v, &slots)?))
+    }
+
+    /// The K pool's slots of `positions` (checked, at pool `slots`): an Int4Channel
+    /// pool keeps the partly filled block's keys in the sequence's open block.
+    fn key_slots(&self, seq: SeqId, positions: &[usize], slots: &[u32]) -> Result<Vec<u32>> {
+        let Some(open) = self.blocks.open_block(seq)? else {
+            return Ok(slots.to_vec());
+        };
+        let bs = self.config.block_size;
+        let sealed = self.blocks.len(seq)? / bs * bs;
+        let capacity = self.config.capacity_tokens() as u32;
+        Ok(positions
+            .iter()
+            .zip(slots)
+            .map(|(&p, &s)| {
+                if p < sealed {
+                    s
+                } else {
+                    capacity + open * bs as u32 + (p % bs) as u32
+                }
+            })
+            .collect())
     }
 
     /// Pool slots of `positions` of `seq`, each checked against its length.
@@ -361,11 +407,12 @@ impl KvCache {
     /// Memory held and used.
     pub fn memory(&self) -> MemoryReport {
         let c = &self.config;
-        let per_block = |d: KvDtype| c.kv_heads * c.block_size * d.bytes_per_token_head(c.head_dim);
-        let block_bytes = c.layers * (per_block(c.k_dtype) + per_block(c.v_dtype));
+        let (k, v) = (c.layout(c.k_dtype), c.layout(c.v_dtype));
+        let block_bytes = c.layers * (k.block_bytes() + v.block_bytes());
+        let open_bytes = c.layers * k.open_blocks * c.kv_heads * c.block_size * c.head_dim * 2;
         let plain = |bytes: usize| c.layers * c.kv_heads * 2 * c.head_dim * bytes;
         MemoryReport {
-            bytes_reserved: block_bytes * c.num_blocks,
+            bytes_reserved: block_bytes * c.num_blocks + open_bytes,
             bytes_used: block_bytes * self.blocks.used_blocks(),
             tokens: self.blocks.tokens(),
             bytes_per_token: c.bytes_per_token(),
@@ -408,9 +455,9 @@ impl KvCache {
         Ok(bytemuck::cast_slice(&words).to_vec())
     }
 
-    /// A step that only appends, at `slots`.
-    fn prepare_append(&self, slots: &[u32]) -> Result<Prepared> {
-        self.prepare_step(&[], slots, None)
+    /// A step that only appends, as `ext` says.
+    fn prepare_append(&self, ext: &Extension) -> Result<Prepared> {
+        self.prepare_step(&[], ext, None)
     }
 
     fn check_kv(&self, tokens: usize, k: &[f32], v: &[f32]) -> Result<()> {

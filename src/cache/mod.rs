@@ -6,7 +6,7 @@ mod config;
 mod kv_cache;
 mod plan;
 
-pub use blocks::{BlockManager, SeqId};
-pub use config::{CacheConfig, PoolLayout};
+pub use blocks::{BlockManager, Extension, SeqId};
+pub use config::{CacheConfig, OPEN_BLOCKS, PoolLayout};
 pub use kv_cache::{KvCache, MemoryReport, Reservation};
 pub use plan::Plan;

@@ -3,6 +3,7 @@
 //! uploaded, keys partitioned); then each layer's append and attention are recorded
 //! on tensors in device memory, with no host work beyond recording.
 
+use super::Extension;
 use crate::attn::Resolved;
 use crate::backend::{Encoder, Prepared, SeqInfo, Step, Tensor};
 use crate::{AttnParams, Error, Result};
@@ -67,7 +68,7 @@ impl KvCache {
     /// queries at the sequence's last `n` positions (decode when every `n` is 1).
     pub fn plan_attention(&self, batch: &[(SeqId, usize)], params: &AttnParams) -> Result<Plan> {
         let params = self.check_step(batch, params)?;
-        let prepared = self.prepare_step(batch, &[], Some(params))?;
+        let prepared = self.prepare_step(batch, &Extension::default(), Some(params))?;
         Ok(self.plan(prepared, batch))
     }
 
@@ -109,8 +110,8 @@ impl KvCache {
     fn plan_step(&mut self, batch: &[(SeqId, usize)], params: &AttnParams) -> Result<Plan> {
         let params = self.check_step(batch, params)?;
         let before = self.blocks.clone();
-        let slots = self.blocks.extend(batch)?;
-        match self.prepare_step(batch, &slots, Some(params)) {
+        let ext = self.blocks.grow(batch)?;
+        match self.prepare_step(batch, &ext, Some(params)) {
             Ok(prepared) => {
                 self.epoch += 1;
                 Ok(self.plan(prepared, batch))
@@ -147,11 +148,11 @@ impl KvCache {
     }
 
     /// The records and tables of `batch` (queries at each sequence's last `n`
-    /// positions), prepared by the backend with the append `slots`.
+    /// positions), prepared by the backend with the append `ext`.
     pub(super) fn prepare_step(
         &self,
         batch: &[(SeqId, usize)],
-        slots: &[u32],
+        ext: &Extension,
         params: Option<Resolved>,
     ) -> Result<Prepared> {
         let mut seqs = Vec::with_capacity(batch.len());
@@ -171,6 +172,7 @@ impl KvCache {
                 table_offset: tables.len() as u32,
                 q_offset: queries as u32,
                 q_len: n as u32,
+                open: self.blocks.open_block(id)?.unwrap_or(u32::MAX),
             });
             tables.extend_from_slice(self.blocks.block_table(id)?);
             queries += n;
@@ -182,7 +184,9 @@ impl KvCache {
         self.backend.prepare(&Step {
             k: &k,
             v: &v,
-            slots,
+            slots: &ext.slots,
+            open_slots: &ext.open_slots,
+            seals: &ext.seals,
             seqs: &seqs,
             tables: &tables,
             params,

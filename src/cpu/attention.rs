@@ -34,10 +34,17 @@ pub fn attention((kp, vp): (&Pool, &Pool), step: &CpuStep, q: &[f32]) -> Result<
             let mut m = vec![f32::NEG_INFINITY; q_heads];
             let mut l = vec![0f32; q_heads];
             let mut acc = vec![0f32; row];
+            // Int4Channel keys of the partly filled last block are in its open block.
+            let sealed = s.kv_len as usize / kl.block_size * kl.block_size;
             for t in p.first_key(pos)..=pos {
                 let slot = table[t / kl.block_size] as usize * kl.block_size + t % kl.block_size;
+                let k_slot = if kl.dtype.per_channel() && t >= sealed {
+                    kl.capacity() + s.open as usize * kl.block_size + t % kl.block_size
+                } else {
+                    slot
+                };
                 for kvh in 0..kl.kv_heads {
-                    kv.load(slot, kvh, &mut key);
+                    kv.load(k_slot, kvh, &mut key);
                     vv.load(slot, kvh, &mut val);
                     for h in kvh * ratio..(kvh + 1) * ratio {
                         let qv = &q[qrow + h * d..][..d];

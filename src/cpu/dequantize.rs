@@ -16,7 +16,7 @@ pub fn dequantize(
     let l = &pool.layout;
     let row_len = l.kv_heads * l.head_dim;
     let slots = read(slots)?[..tokens].to_vec();
-    let cap = l.num_blocks * l.block_size;
+    let cap = l.capacity() + l.open_blocks * l.block_size;
     if let Some(&s) = slots.iter().find(|&&s| s as usize >= cap) {
         return Err(Error::OutOfRange {
             what: "slot",

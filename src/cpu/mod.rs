@@ -5,13 +5,15 @@ mod append;
 mod attention;
 mod dequantize;
 
+pub(crate) use append::check_reopen;
+
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::attn::Resolved;
 use crate::backend::{
     Backend, BackendInfo, BackendKind, DeviceBuffer, DeviceLimits, DeviceType, Elem, Encoder, Pool,
-    Prepared, SeqInfo, Step, Tensor,
+    Prepared, Seal, SeqInfo, Step, Tensor,
 };
 use crate::{Error, Result};
 
@@ -32,6 +34,8 @@ pub struct CpuBackend {
 #[derive(Debug)]
 pub(crate) struct CpuStep {
     slots: Vec<u32>,
+    open_slots: Vec<u32>,
+    seals: Vec<Seal>,
     seqs: Vec<SeqInfo>,
     tables: Vec<u32>,
     params: Option<Resolved>,
@@ -140,9 +144,13 @@ impl<'a> PoolView<'a> {
         })
     }
 
-    /// Dequantized vector of (slot, head).
+    /// Dequantized vector of (slot, head); an Int4Channel pool's slots past its
+    /// capacity are in its open blocks.
     fn load(&self, slot: usize, head: usize, out: &mut [f32]) {
         let l = &self.pool.layout;
+        if l.dtype.per_channel() {
+            return self.load_int4c(slot, head, out);
+        }
         let row = l.row(slot, head);
         let (w, s) = (l.words_per_head(), l.side_per_head());
         crate::quant::dequantize(
@@ -151,6 +159,28 @@ impl<'a> PoolView<'a> {
             &self.side[row * s..(row + 1) * s],
             out,
         );
+    }
+}
+
+impl PoolView<'_> {
+    fn load_int4c(&self, slot: usize, head: usize, out: &mut [f32]) {
+        let l = &self.pool.layout;
+        let d = l.head_dim;
+        match slot.checked_sub(l.capacity()) {
+            None => {
+                let row = l.row(slot, head);
+                let f = l.factors(slot / l.block_size, head);
+                crate::quant::dequantize_int4c(
+                    &self.data[row * d / 8..][..d / 8],
+                    &self.side[f..f + d],
+                    out,
+                );
+            }
+            Some(open) => {
+                let row = l.open_base() / (d / 2) + l.row(open, head);
+                crate::quant::dequantize_f16(&self.side[row * d / 2..][..d / 2], out);
+            }
+        }
     }
 }
 
@@ -183,6 +213,8 @@ impl Backend for CpuBackend {
         step.check()?;
         let state = CpuStep {
             slots: step.slots.to_vec(),
+            open_slots: step.open_slots.to_vec(),
+            seals: step.seals.to_vec(),
             seqs: step.seqs.to_vec(),
             tables: step.tables.to_vec(),
             params: step.params,
@@ -203,7 +235,7 @@ impl Backend for CpuBackend {
         step.check_pools(pools)?;
         let n = step.tokens * pools.0.layout.kv_heads * pools.0.layout.head_dim;
         let (k, v) = (read_tensor(k, "k", n)?, read_tensor(v, "v", n)?);
-        append::quantize_append(pools, &state.slots, &k, &v)
+        append::quantize_append(pools, state, &k, &v)
     }
 
     fn record_attention(
@@ -226,6 +258,10 @@ impl Backend for CpuBackend {
 
     fn run(&self, record: &mut dyn FnMut(&mut Encoder<'_>) -> Result<()>) -> Result<()> {
         record(&mut Encoder::Immediate)
+    }
+
+    fn reopen(&self, pool: &Pool, moves: &[[u32; 2]]) -> Result<()> {
+        append::reopen(pool, moves)
     }
 
     fn dequantize(

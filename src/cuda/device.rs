@@ -606,6 +606,11 @@ fn device_arch(ordinal: usize) -> Result<&'static str> {
 
 /// The per-row and attention kernels hold a head vector in 256 registers or words.
 fn check_layout(l: &PoolLayout) -> Result<()> {
+    if l.dtype.per_channel() {
+        return Err(Error::Unsupported(
+            "int4c keys on CUDA: not yet (the CPU reference and wgpu store them)".into(),
+        ));
+    }
     if l.head_dim > 256 {
         return Err(Error::Unsupported(format!(
             "head_dim {} on CUDA: at most 256",

@@ -6,7 +6,7 @@ use super::pipelines::PipelineKey;
 use super::shaders::Kernel;
 use super::windows::{Window, Windows};
 use super::{ROW_WG, WgpuBackend};
-use crate::backend::{DeviceBuffer, Pool};
+use crate::backend::{Backend, DeviceBuffer, Pool};
 use crate::cache::PoolLayout;
 use crate::{Error, Result};
 
@@ -24,7 +24,7 @@ pub fn dequantize(
         return Ok(());
     }
     let grid = b.rows_grid(rows(tokens, l.kv_heads)?, ROW_WG)?;
-    let windows = Windows::of(b, &[l])?;
+    let windows = windows_of(b, l)?;
     let (slots, out) = (WgpuBackend::raw(slots)?, WgpuBackend::raw(out)?);
     b.submit(|enc| {
         for w in windows.iter() {
@@ -37,6 +37,92 @@ pub fn dequantize(
                 grid,
             )?;
         }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+/// The windows of a pool; an Int4Channel pool must fit one.
+fn windows_of(b: &WgpuBackend, l: &PoolLayout) -> Result<Windows> {
+    let windows = Windows::of(b, &[l])?;
+    if l.dtype.per_channel() && windows.count() > 1 {
+        return Err(Error::Unsupported(format!(
+            "int4c K pools past one storage binding ({} bytes) on wgpu",
+            b.pool_binding
+        )));
+    }
+    Ok(windows)
+}
+
+/// A truncate's reopen on an Int4Channel pool: the moved keys dequantized in the
+/// pool's basis (dequantize.wgsl unrotated) into a scratch buffer, then stored F16
+/// into their open blocks (quantize_append.wgsl as F16, unrotated). Waits.
+pub fn reopen(b: &WgpuBackend, pool: &Pool, moves: &[[u32; 2]]) -> Result<()> {
+    let l = &pool.layout;
+    pool.check_buffers(["pool data", "pool side"])?;
+    crate::cpu::check_reopen(l, moves)?;
+    if moves.is_empty() {
+        return Ok(());
+    }
+    windows_of(b, l)?;
+    let n = moves.len();
+    let (d, heads) = (l.head_dim, l.kv_heads);
+    let slots: Vec<u32> = moves
+        .iter()
+        .map(|m| m[0])
+        .chain(moves.iter().map(|m| m[1]))
+        .collect();
+    let slots_buf = b.alloc(slots.len())?;
+    b.upload(&slots_buf, 0, &slots)?;
+    let scratch = b.alloc(n * heads * d)?;
+    let grid = b.rows_grid(rows(n, heads)?, ROW_WG)?;
+    let (slots_raw, scratch_raw) = (WgpuBackend::raw(&slots_buf)?, WgpuBackend::raw(&scratch)?);
+    let (data, side) = (WgpuBackend::raw(&pool.data)?, WgpuBackend::raw(&pool.side)?);
+    let basis = PoolLayout {
+        rotated: false,
+        ..*l
+    };
+    let open = basis.open_view();
+    let capacity = l.capacity() as u32;
+    b.submit(|enc| {
+        let mut p = params(n, &basis, &Window::whole(l.num_blocks), 0);
+        p[6] = l.open_base() as u32;
+        b.dispatch(
+            enc,
+            &PipelineKey::rows(Kernel::Dequantize, &basis),
+            &p,
+            &[
+                Range::whole(slots_raw),
+                Range::whole(data),
+                Range::whole(side),
+                Range::whole(scratch_raw),
+            ],
+            grid,
+        )?;
+        let opens = (l.open_blocks * l.block_size) as u32;
+        let p = [
+            n as u32,
+            heads as u32,
+            l.block_size as u32,
+            opens,
+            capacity,
+            n as u32,
+            0,
+            0,
+        ];
+        let offset = l.open_base() as u64 * 4;
+        b.dispatch(
+            enc,
+            &PipelineKey::rows(Kernel::QuantizeAppend, &open).with("SRC_F16", 0),
+            &p,
+            &[
+                Range::whole(scratch_raw),
+                Range::whole(slots_raw),
+                Range::new(side, offset, side.size() - offset),
+                Range::whole(data),
+            ],
+            grid,
+        )?;
         Ok(())
     })?;
     Ok(())
@@ -58,6 +144,11 @@ pub fn check_rotation(l: &PoolLayout) -> Result<()> {
 /// bound in window `w`, their slots from word `slots_base` of the slots' binding.
 pub fn params(tokens: usize, l: &PoolLayout, w: &Window, slots_base: u32) -> [u32; 8] {
     let (slot0, capacity) = w.slots(l.block_size);
+    let open_base = if l.dtype.per_channel() {
+        l.open_base() as u32
+    } else {
+        0
+    };
     [
         tokens as u32,
         l.kv_heads as u32,
@@ -65,7 +156,7 @@ pub fn params(tokens: usize, l: &PoolLayout, w: &Window, slots_base: u32) -> [u3
         capacity,
         slot0,
         slots_base,
-        0,
+        open_base,
         0,
     ]
 }

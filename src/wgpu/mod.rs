@@ -500,6 +500,11 @@ impl Backend for WgpuBackend {
         self.guarded(|| append::dequantize(self, pool, slots, tokens, out))
     }
 
+    fn reopen(&self, pool: &Pool, moves: &[[u32; 2]]) -> Result<()> {
+        self.guarded(|| append::reopen(self, pool, moves))?;
+        self.synchronize()
+    }
+
     fn stream(&self, src: &DeviceBuffer, words: usize) -> Result<()> {
         self.guarded(|| {
             src.check_range("stream", 0, words)?;

@@ -67,6 +67,14 @@ impl PipelineKey {
         }
     }
 
+    /// `seal.wgsl` for an Int4Channel K pool laid out as `k`.
+    pub fn seal(k: &PoolLayout) -> Self {
+        PipelineKey {
+            kernel: Kernel::Seal,
+            constants: vec![("HEAD_DIM", k.head_dim as u32)],
+        }
+    }
+
     /// The combine pass of attention over the V pool `v`.
     pub fn reduce(v: &PoolLayout) -> Self {
         PipelineKey {
@@ -77,6 +85,16 @@ impl PipelineKey {
                 ("NORM_BITS", norm_bits(v.head_dim)),
             ],
         }
+    }
+
+    /// This attention key as the second pass over an Int4Channel K pool: the keys
+    /// of each sequence's open block (its K layout is the open blocks' F16 view,
+    /// [`PoolLayout::open_view`]).
+    pub fn open_pass(mut self) -> Self {
+        for c in self.constants.iter_mut().filter(|c| c.0 == "KEYS") {
+            c.1 = 2;
+        }
+        self
     }
 
     /// This key with one more constant (an element type, say).
@@ -217,6 +235,7 @@ fn attention_constants(
         ("BLOCK_SIZE", k.block_size as u32),
         ("ROTATE_Q", k.rotated as u32),
         ("NORM_BITS", norm_bits(k.head_dim)),
+        ("KEYS", k.dtype.per_channel() as u32),
     ]
 }
 

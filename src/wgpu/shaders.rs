@@ -42,11 +42,14 @@ pub enum Kernel {
     AttnReduce,
     /// `shaders/stream.wgsl`: streaming-read roofline.
     Stream,
+    /// `shaders/seal.wgsl`: quantizes the blocks an append fills in an
+    /// Int4Channel K pool.
+    Seal,
 }
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 7] = [
+    pub const ALL: [Kernel; 8] = [
         Kernel::QuantizeAppend,
         Kernel::Dequantize,
         Kernel::Attention,
@@ -54,6 +57,7 @@ impl Kernel {
         Kernel::AttentionLanes,
         Kernel::AttnReduce,
         Kernel::Stream,
+        Kernel::Seal,
     ];
 
     /// File name under `shaders/`.
@@ -65,6 +69,7 @@ impl Kernel {
             Kernel::AttentionLanes => "attention_lanes.wgsl",
             Kernel::AttnReduce => "attn_reduce.wgsl",
             Kernel::Stream => "stream.wgsl",
+            Kernel::Seal => "seal.wgsl",
         }
     }
 
@@ -78,6 +83,7 @@ impl Kernel {
             Kernel::AttentionLanes => include_str!("../../shaders/attention_lanes.wgsl"),
             Kernel::AttnReduce => include_str!("../../shaders/attn_reduce.wgsl"),
             Kernel::Stream => include_str!("../../shaders/stream.wgsl"),
+            Kernel::Seal => include_str!("../../shaders/seal.wgsl"),
         }
     }
 

@@ -29,16 +29,37 @@ pub(crate) struct WgpuStep {
     attention: Option<Partition>,
     /// How the pools are bound: append and attention run once per window.
     windows: Windows,
+    /// Int4Channel keys: the grids of staging the new keys and of sealing the
+    /// blocks the append fills (`None` when it fills none).
+    seal_grids: Option<[[u32; 3]; 2]>,
 }
 
 /// Uniform blocks in the workspace: the reduce pass's, then attention's and
-/// append's for each window.
+/// append's for each window, then for an Int4Channel K pool (one window) those of
+/// [`OpenUniform`].
 const REDUCE_UNIFORM: u64 = 0;
 fn attention_uniform(w: &Window) -> u64 {
     (1 + 2 * w.index as u64) * UNIFORM_BLOCK
 }
 fn append_uniform(w: &Window) -> u64 {
     (2 + 2 * w.index as u64) * UNIFORM_BLOCK
+}
+
+/// The uniform blocks of an Int4Channel K pool's work, after the window's.
+#[derive(Debug, Clone, Copy)]
+enum OpenUniform {
+    /// Attention over the open blocks.
+    Attention = 0,
+    /// Staging the new keys as F16.
+    Stage = 1,
+    /// Sealing the blocks the append fills.
+    Seal = 2,
+    /// Writing the other new keys into their open blocks.
+    Tail = 3,
+}
+
+fn open_uniform(which: OpenUniform) -> u64 {
+    (3 + which as u64) * UNIFORM_BLOCK
 }
 
 pub fn prepare(b: &WgpuBackend, step: &Step<'_>) -> Result<Prepared> {
@@ -53,23 +74,50 @@ pub fn prepare(b: &WgpuBackend, step: &Step<'_>) -> Result<Prepared> {
     let append_grid = b.rows_grid(rows(step.slots.len(), step.k.kv_heads)?, ROW_WG)?;
     let windows = Windows::of(b, &[step.k, step.v])?;
     let count = windows.count();
+    let per_channel = step.k.dtype.per_channel();
+    if per_channel && count > 1 {
+        return Err(Error::Unsupported(format!(
+            "int4c K pools past one storage binding ({} bytes) on wgpu",
+            b.pool_binding
+        )));
+    }
+    let seal_grids = if step.seals.is_empty() {
+        None
+    } else {
+        let octets = step.seals.len() * step.k.kv_heads * step.k.head_dim / 8;
+        let octets = u32::try_from(octets).map_err(|_| Error::OutOfRange {
+            what: "seals x kv_heads x head_dim / 8",
+            value: octets,
+            limit: u32::MAX as usize,
+        })?;
+        Some([append_grid, b.rows_grid(octets, ROW_WG)?])
+    };
 
     // The records, each region at the device's storage offset alignment.
     let align = b.device.limits().min_storage_buffer_offset_alignment as u64;
     let work = attention.as_ref().map_or(&[][..], |a| &a.work);
     let records = step.records(work, align);
     let meta = records.words.len() as u64 * 4;
-    // Each window's partials follow the last's: splits x windows per row.
+    // Each window's partials follow the last's: splits x windows per row, then
+    // the open pass's split.
+    let splits = attention.as_ref().map_or(0, |a| a.total_splits(count));
     let partial = attention
         .as_ref()
-        .map_or(0, |a| (a.partial_words * count) as u64 * 4);
+        .map_or(0, |a| (a.split_words * splits) as u64 * 4);
+    // Staged new keys: F16, [tokens, kv_heads, head_dim / 2] words.
+    let stage = match seal_grids {
+        Some(_) => (step.slots.len() * step.k.kv_heads * step.k.head_dim * 2) as u64,
+        None => 0,
+    };
     b.check_binding(meta)?;
     b.check_binding(partial)?;
-    let uniform_bytes = (1 + 2 * count as u64) * UNIFORM_BLOCK;
+    b.check_binding(stage)?;
+    let blocks = if per_channel { 7 } else { 1 + 2 * count as u64 };
+    let uniform_bytes = blocks * UNIFORM_BLOCK;
     let lease = lease(
         &b.workspaces,
         &b.device,
-        [meta, partial, uniform_bytes],
+        [meta, partial, uniform_bytes, stage],
         &b.created,
     )?;
     let ws = lease.get();
@@ -79,28 +127,79 @@ pub fn prepare(b: &WgpuBackend, step: &Step<'_>) -> Result<Prepared> {
     }
     let mut uniform = vec![0u32; uniform_bytes as usize / 4];
     let at = |offset: u64| offset as usize / 4;
+    let splits = splits as u32;
     if let Some(a) = &attention {
-        let [rows, splits, ..] = a.reduce_uniform;
+        let [rows, ..] = a.reduce_uniform;
         let r = at(REDUCE_UNIFORM);
-        uniform[r..r + 4].copy_from_slice(&[rows, splits * count as u32, 0, 0]);
+        uniform[r..r + 4].copy_from_slice(&[rows, splits, 0, 0]);
     }
+    let (work, tables) = (at(records.work.0) as u32, at(records.tables.0) as u32);
     for w in windows.iter() {
         if let Some(a) = &attention {
-            let [_, splits, ..] = a.reduce_uniform;
             let u = at(attention_uniform(&w));
             uniform[u..u + 12].copy_from_slice(&a.uniform);
             uniform[u + 10..u + 16].copy_from_slice(&[
                 w.block0 as u32,
                 w.blocks as u32,
-                w.index as u32 * splits,
-                count as u32 * splits,
-                at(records.work.0) as u32,
-                at(records.tables.0) as u32,
+                w.index as u32 * a.grid[1],
+                splits,
+                work,
+                tables,
             ]);
         }
         let u = at(append_uniform(&w));
         let slots_base = at(records.slots.0) as u32;
         uniform[u..u + 8].copy_from_slice(&params(step.slots.len(), step.k, &w, slots_base));
+    }
+    if per_channel {
+        let (k, tokens) = (step.k, step.slots.len() as u32);
+        if let Some(open) = attention.as_ref().and_then(|a| a.open.as_ref()) {
+            let u = at(open_uniform(OpenUniform::Attention));
+            uniform[u..u + 12].copy_from_slice(&open.uniform);
+            let blocks = k.num_blocks as u32;
+            uniform[u + 10..u + 16].copy_from_slice(&[0, blocks, splits - 1, splits, work, tables]);
+        }
+        let (heads, bs) = (k.kv_heads as u32, k.block_size as u32);
+        let stage = [
+            tokens,
+            heads,
+            1,
+            tokens,
+            0,
+            at(records.stage.0) as u32,
+            0,
+            0,
+        ];
+        let seal = [
+            step.seals.len() as u32,
+            heads,
+            bs,
+            at(records.seals.0) as u32,
+            k.open_base() as u32,
+            0,
+            0,
+            0,
+        ];
+        let capacity = k.capacity() as u32;
+        let opens = (k.open_blocks * k.block_size) as u32;
+        let tail = [
+            tokens,
+            heads,
+            bs,
+            opens,
+            capacity,
+            at(records.open_slots.0) as u32,
+            0,
+            0,
+        ];
+        for (which, words) in [
+            (OpenUniform::Stage, stage),
+            (OpenUniform::Seal, seal),
+            (OpenUniform::Tail, tail),
+        ] {
+            let u = at(open_uniform(which));
+            uniform[u..u + 8].copy_from_slice(&words);
+        }
     }
     b.queue
         .write_buffer(&ws.uniform, 0, bytemuck::cast_slice(&uniform));
@@ -112,6 +211,7 @@ pub fn prepare(b: &WgpuBackend, step: &Step<'_>) -> Result<Prepared> {
             append_grid,
             attention,
             windows,
+            seal_grids,
         },
     ))
 }
@@ -135,9 +235,15 @@ pub fn record_append(
     }
     let ws = st.lease.get();
     let slots = b.rest(&ws.meta, (0, st.meta));
+    let per_channel = l.dtype.per_channel();
+    if per_channel {
+        record_append_keys(b, enc, st, pools.0, &sources[0], k.elem == Elem::F16)?;
+    }
+    let skip = per_channel as usize;
     for w in st.windows.iter() {
         let uniform = Range::new(&ws.uniform, append_uniform(&w), 32);
-        for ((pool, src), t) in [pools.0, pools.1].into_iter().zip(&sources).zip([k, v]) {
+        let pairs = [pools.0, pools.1].into_iter().zip(&sources).zip([k, v]);
+        for ((pool, src), t) in pairs.skip(skip) {
             let key = PipelineKey::rows(Kernel::QuantizeAppend, &pool.layout)
                 .with("SRC_F16", (t.elem == Elem::F16) as u32);
             let [data, side] = w.ranges(pool)?;
@@ -145,6 +251,55 @@ pub fn record_append(
             b.record(enc, &key, &ranges, st.append_grid);
         }
     }
+    Ok(())
+}
+
+/// The keys' append into an Int4Channel pool: the new keys staged as F16 (rotated
+/// with the pool) and the blocks they fill sealed, then the other new keys written
+/// into their open blocks, after the seals read them.
+fn record_append_keys(
+    b: &WgpuBackend,
+    enc: &mut wgpu::CommandEncoder,
+    st: &WgpuStep,
+    pool: &Pool,
+    src: &Range,
+    src_f16: bool,
+) -> Result<()> {
+    let ws = st.lease.get();
+    let l = &pool.layout;
+    let meta = b.rest(&ws.meta, (0, st.meta));
+    let (data, side) = (WgpuBackend::raw(&pool.data)?, WgpuBackend::raw(&pool.side)?);
+    let f16 =
+        PipelineKey::rows(Kernel::QuantizeAppend, &l.open_view()).with("SRC_F16", src_f16 as u32);
+    let uniform = |which| Range::new(&ws.uniform, open_uniform(which), 32);
+    if let Some([stage_grid, seal_grid]) = st.seal_grids {
+        let stage = Range::whole(&ws.stage);
+        let ranges = [
+            uniform(OpenUniform::Stage),
+            src.clone(),
+            meta.clone(),
+            stage.clone(),
+            Range::whole(data),
+        ];
+        b.record(enc, &f16, &ranges, stage_grid);
+        let ranges = [
+            uniform(OpenUniform::Seal),
+            stage,
+            meta.clone(),
+            Range::whole(data),
+            Range::whole(side),
+        ];
+        b.record(enc, &PipelineKey::seal(l), &ranges, seal_grid);
+    }
+    let opens = b.rest(side, (l.open_base() as u64 * 4, 0));
+    let ranges = [
+        uniform(OpenUniform::Tail),
+        src.clone(),
+        meta,
+        opens,
+        Range::whole(data),
+    ];
+    b.record(enc, &f16, &ranges, st.append_grid);
     Ok(())
 }
 
@@ -166,7 +321,7 @@ pub fn record_attention(
         return Ok(());
     };
     let ws = st.lease.get();
-    let bytes = (a.partial_words * st.windows.count()) as u64 * 4;
+    let bytes = (a.split_words * a.total_splits(st.windows.count())) as u64 * 4;
     let partial = b.rest(&ws.partial, (0, bytes));
     let meta = b.rest(&ws.meta, (0, st.meta));
     let key = a
@@ -188,6 +343,32 @@ pub fn record_attention(
             partial.clone(),
         ];
         b.record(enc, &key, &ranges, a.grid);
+    }
+    if let Some(open) = &a.open {
+        // The keys of each sequence's open block, F16 from the K side array.
+        let side = WgpuBackend::raw(&pools.0.side)?;
+        let [v_data, v_side] = st
+            .windows
+            .iter()
+            .next()
+            .expect("one window")
+            .ranges(pools.1)?;
+        let ranges = [
+            Range::new(&ws.uniform, open_uniform(OpenUniform::Attention), 64),
+            q_range.clone(),
+            meta.clone(),
+            meta.clone(),
+            b.rest(side, (pools.0.layout.open_base() as u64 * 4, 0)),
+            Range::whole(side),
+            v_data,
+            v_side,
+            partial.clone(),
+        ];
+        let key = open
+            .attention
+            .clone()
+            .with("Q_F16", (q.elem == Elem::F16) as u32);
+        b.record(enc, &key, &ranges, open.grid);
     }
     let key = a
         .reduce

@@ -110,6 +110,16 @@ impl Windows {
 }
 
 impl Window {
+    /// The one window of a pool of `num_blocks` blocks that fits one binding.
+    pub fn whole(num_blocks: usize) -> Self {
+        Window {
+            index: 0,
+            block0: 0,
+            blocks: num_blocks,
+            whole: true,
+        }
+    }
+
     /// The window's bindings of `pool`'s data and side arrays.
     pub fn ranges(&self, pool: &Pool) -> Result<[Range; 2]> {
         let l = &pool.layout;
@@ -213,6 +223,7 @@ mod tests {
             block_size: 1,
             num_blocks: 1000,
             rotated: false,
+            open_blocks: 0,
         };
         let w = Windows::new(&[&l], 1024, 256).unwrap();
         assert_eq!(w.blocks, 64);

@@ -23,6 +23,8 @@ pub struct Workspace {
     pub partial: wgpu::Buffer,
     /// Uniform blocks.
     pub uniform: wgpu::Buffer,
+    /// Int4Channel keys: the new keys staged as F16 for the seals (read-write).
+    pub stage: wgpu::Buffer,
 }
 
 /// Free workspaces of one device.
@@ -33,11 +35,14 @@ pub type Workspaces = FreeList<Workspace>;
 pub fn lease(
     free: &Workspaces,
     device: &wgpu::Device,
-    [meta, partial, uniform]: [u64; 3],
+    [meta, partial, uniform, stage]: [u64; 4],
     created: &Created,
 ) -> Result<Lease<Workspace>> {
     let fits = |w: &Workspace| {
-        w.meta.size() >= meta && w.partial.size() >= partial && w.uniform.size() >= uniform
+        w.meta.size() >= meta
+            && w.partial.size() >= partial
+            && w.uniform.size() >= uniform
+            && w.stage.size() >= stage
     };
     let buffer = |have: Option<&wgpu::Buffer>, need: u64, label, usage| {
         grow(have, wgpu::Buffer::size, need, MIN_BYTES, |size| {
@@ -70,6 +75,12 @@ pub fn lease(
                 uniform,
                 "kvq step uniforms",
                 wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            )?,
+            stage: buffer(
+                old.as_ref().map(|w| &w.stage),
+                stage,
+                "kvq staged keys",
+                wgpu::BufferUsages::STORAGE,
             )?,
         })
     })
