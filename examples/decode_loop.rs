@@ -35,7 +35,7 @@ struct Opts {
     #[arg(long = "context", value_name = "N,..", value_delimiter = ',', value_parser = positive,
           default_value = "64,4096")]
     contexts: Vec<usize>,
-    /// Timed steps (after two warm-up steps).
+    /// Timed steps (after two warm-up steps; with int4c keys, 34).
     #[arg(long, default_value_t = 10, value_parser = positive)]
     steps: usize,
     #[arg(long = "dtypes", value_name = "K[/V]", default_value = "int8/int4",
@@ -141,7 +141,7 @@ fn filled(
     batch: usize,
     context: usize,
 ) -> Result<(KvCache, Vec<SeqId>)> {
-    let capacity = batch * (context + 2 * o.steps + 2);
+    let capacity = batch * (context + 2 * (o.steps + warm_steps(o)));
     let cfg =
         CacheConfig::new(o.layers, o.kv_heads, o.head_dim, capacity).with_dtypes(o.kv.0, o.kv.1);
     let mut cache = KvCache::new(b.clone(), cfg)?;
@@ -159,7 +159,19 @@ fn filled(
     Ok((cache, seqs))
 }
 
+/// Steps run before measuring: two, and with Int4Channel keys a block's worth more,
+/// so that every sequence has sealed a block (whose kernels' first use creates
+/// their bind groups) before creations are counted.
+fn warm_steps(o: &Opts) -> usize {
+    if o.kv.0.per_channel() {
+        2 + kvq::dtype::INT4C_BLOCK
+    } else {
+        2
+    }
+}
+
 fn measure(b: &Arc<dyn Backend>, o: &Opts, batch: usize, context: usize) -> Result<Measured> {
+    let warm = warm_steps(o);
     let params = AttnParams::new(o.q_heads);
     let row_kv = o.kv_heads * o.head_dim;
     let row_q = o.q_heads * o.head_dim;
@@ -170,14 +182,14 @@ fn measure(b: &Arc<dyn Backend>, o: &Opts, batch: usize, context: usize) -> Resu
     let q_host = vec![0.5f32; batch * row_q];
     let batch_1: Vec<_> = seqs.iter().map(|&s| (s, 1)).collect();
     let mut host = Vec::new();
-    for step in 0..o.steps + 2 {
+    for step in 0..o.steps + warm {
         let start = Instant::now();
         let r = cache.extend(&batch_1)?;
         for l in 0..o.layers {
             cache.write(l, &r, &kv_host, &kv_host)?;
             cache.decode(l, &seqs, &q_host, &params)?;
         }
-        if step >= 2 {
+        if step >= warm {
             host.push(start.elapsed().as_secs_f64() * 1e3);
         }
     }
@@ -191,8 +203,8 @@ fn measure(b: &Arc<dyn Backend>, o: &Opts, batch: usize, context: usize) -> Resu
     let (kv, q, out) = (Tensor::f32(&kv), Tensor::f32(&q), Tensor::f32(&out));
     let (mut device, mut record) = (Vec::new(), Vec::new());
     let mut created = 0;
-    for step in 0..o.steps + 2 {
-        if step == 2 {
+    for step in 0..o.steps + warm {
+        if step == warm {
             created = b.creations();
         }
         let start = Instant::now();
@@ -208,7 +220,7 @@ fn measure(b: &Arc<dyn Backend>, o: &Opts, batch: usize, context: usize) -> Resu
             Ok(())
         })?;
         b.synchronize()?;
-        if step >= 2 {
+        if step >= warm {
             device.push(start.elapsed().as_secs_f64() * 1e3);
             record.push(recording / o.layers as f64);
         }

@@ -64,6 +64,9 @@ fn run() -> Result<()> {
         (KvDtype::Int4 { group: 32 }, KvDtype::Int4 { group: 32 }),
         (KvDtype::Int4 { group: 128 }, KvDtype::Int4 { group: 128 }),
         (KvDtype::Int8, KvDtype::Int4 { group: 32 }),
+        // Keys per channel over each 32-token block (random keys have no outlier
+        // channels to isolate: see the README's real activations).
+        (KvDtype::Int4Channel, KvDtype::Int4 { group: 32 }),
     ];
     for (kd, vd) in pairs {
         let config = CacheConfig::new(1, kv_heads, head_dim, 1024).with_dtypes(kd, vd);

@@ -60,7 +60,8 @@ var<private> vw: array<vec4<u32>, 4>;   // and of its V row
 var<private> kf: array<vec2<f32>, 4>;   // each key's K factors for this lane: (scale, min)
 var<private> vf: array<vec2<f32>, 4>;   // and its V factors
 var<private> inside: array<bool, 4>;    // whether each key lies in the bound window
-var<private> kblock: array<u32, 4>;     // Int4 per channel: each key's (block, kv head)
+var<private> kblock: array<u32, 4>;     // Int4 per channel: each key's (block, kv head),
+var<private> kopen: array<u32, 4>;      // or where it starts in k_side if it is in the open block (else 0)
 var<private> cblock: u32 = 0xffffffffu; // the (block, kv head) whose factors are in cs, cm
 var<private> cs: array<f32, 32>;        // their scales for this lane's dims
 var<private> cm: array<f32, 32>;        // and mins
@@ -91,7 +92,8 @@ fn load_step(w: Work, t0: u32, z: u32, x: u32) {
         inside[j] = window_block(w.table_offset, t) < P.blocks;
         let row = kv_addr(w.table_offset, w.kvh, t);
         kblock[j] = row / BLOCK_SIZE;
-        let ki = key_row(w, t, row) * K_WORDS + x * K_LW;
+        kopen[j] = select(0u, open_key(w, t), K_DTYPE == 3u && t >= w.sealed);
+        let ki = row * K_WORDS + x * K_LW;
         kw[j] = slice(k_data[ki / 4u], ki, K_LW);
         let vi = row * V_WORDS + x * V_LW;
         vw[j] = slice(v_data[vi / 4u], vi, V_LW);
@@ -140,6 +142,10 @@ fn channel_factors(j: u32, x: u32) {
 // Int4 per channel factors to each dim.
 fn qk(j: u32, x: u32) {
     let f = kf[j];
+    if (K_DTYPE == 3u && kopen[j] != 0u) {
+        qk_open(j, x);
+        return;
+    }
     if (K_DTYPE == 3u) {
         channel_factors(j, x);
     }
@@ -181,6 +187,25 @@ fn qk(j: u32, x: u32) {
     }
     for (var r = 0u; r < ROWS; r++) {
         sc[j * ROWS + r] = f.x * s[r] + f.y * qsum[r];
+    }
+}
+
+// Int4 per channel: qk for key j of the step held F16 in its open block (a few keys
+// per sequence: read from k_side word by word).
+fn qk_open(j: u32, x: u32) {
+    var s: array<f32, 8>;
+    for (var r = 0u; r < ROWS; r++) {
+        s[r] = 0.0;
+    }
+    for (var w = 0u; w < DL / 2u; w++) {
+        let c = unpack2x16float(k_side[kopen[j] + x * (DL / 2u) + w]);
+        for (var r = 0u; r < ROWS; r++) {
+            let o = r * DL + 2u * w;
+            s[r] += qr[o] * c.x + qr[o + 1u] * c.y;
+        }
+    }
+    for (var r = 0u; r < ROWS; r++) {
+        sc[j * ROWS + r] = s[r];
     }
 }
 

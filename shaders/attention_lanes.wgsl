@@ -39,9 +39,9 @@ override V_WORDS: u32 = DL / (2u << V_DTYPE); // words of V per lane and row
 
 var<workgroup> q_sh: array<f32, 2048>;  // the ROWS q rows while they are staged
 
-var<private> qv: array<f32, 2048>;     // q[r * HEAD_DIM + d], scaled (and rotated); Int4 per
-                                       // channel: times the channel's scale in the current block
-var<private> qmin: array<f32, 8>;      // Int4 per channel: q . the block's mins, per row
+var<private> qv: array<f32, 2048>;     // q[r * HEAD_DIM + d], scaled (and rotated)
+var<private> ks: array<f32, 256>;      // Int4 per channel: the current block's scale per channel
+var<private> km: array<f32, 256>;      // and min
 var<private> qsum: array<f32, 256>;    // Int4 K: q summed over key group g, [r * 32 + g]
 var<private> s: array<f32, 8>;         // q . k of this lane's key, per row
 var<private> gdot: array<f32, 8>;      // Int4 K: q . codes within the current group
@@ -91,35 +91,48 @@ fn sum_q(c0: u32) {
     sum_q8(c0 + 4u); sum_q8(c0 + 5u); sum_q8(c0 + 6u); sum_q8(c0 + 7u);
 }
 
-// Int4 per channel: q (staged in q_sh) times the scales of channels 8c..8c+8 of the
-// step's block, whose factors start at k_side[f], into qv, and q . their mins into
-// qmin. The block is the same in every lane: its factors are uniform loads.
-fn scale_q8(f: u32, c: u32) {
+// Int4 per channel: the (scale, min) of channels 8c..8c+8 of the step's block, whose
+// factors start at k_side[f], into ks and km: lane i loads channel 8c + i, then
+// every lane takes all eight by broadcasts (a load at an address the adapter cannot
+// prove uniform costs one per lane). Each lane then dequantizes its own key, which
+// costs less than scaling q per block (HEAD_DIM per key, not per q row).
+fn factors8(f: u32, lane: u32, c: u32) {
     if (c * 8u >= HEAD_DIM) {
         return;
     }
-    for (var e = 0u; e < 8u; e++) {
-        let x = unpack2x16float(k_side[f + c * 8u + e]); // (scale, min)
-        for (var r = 0u; r < ROWS; r++) {
-            let q = q_sh[r * HEAD_DIM + c * 8u + e];
-            qv[r * HEAD_DIM + c * 8u + e] = q * x.x;
-            qmin[r] += q * x.y;
-        }
-    }
+    let x = unpack2x16float(k_side[f + c * 8u + lane]);
+    let d = c * 8u;
+    ks[d] = subgroupBroadcast(x.x, 0u); km[d] = subgroupBroadcast(x.y, 0u);
+    ks[d + 1u] = subgroupBroadcast(x.x, 1u); km[d + 1u] = subgroupBroadcast(x.y, 1u);
+    ks[d + 2u] = subgroupBroadcast(x.x, 2u); km[d + 2u] = subgroupBroadcast(x.y, 2u);
+    ks[d + 3u] = subgroupBroadcast(x.x, 3u); km[d + 3u] = subgroupBroadcast(x.y, 3u);
+    ks[d + 4u] = subgroupBroadcast(x.x, 4u); km[d + 4u] = subgroupBroadcast(x.y, 4u);
+    ks[d + 5u] = subgroupBroadcast(x.x, 5u); km[d + 5u] = subgroupBroadcast(x.y, 5u);
+    ks[d + 6u] = subgroupBroadcast(x.x, 6u); km[d + 6u] = subgroupBroadcast(x.y, 6u);
+    ks[d + 7u] = subgroupBroadcast(x.x, 7u); km[d + 7u] = subgroupBroadcast(x.y, 7u);
 }
 
-fn scale_q(f: u32, c0: u32) {
-    scale_q8(f, c0); scale_q8(f, c0 + 1u); scale_q8(f, c0 + 2u); scale_q8(f, c0 + 3u);
-    scale_q8(f, c0 + 4u); scale_q8(f, c0 + 5u); scale_q8(f, c0 + 6u); scale_q8(f, c0 + 7u);
+fn factors(f: u32, lane: u32, c0: u32) {
+    factors8(f, lane, c0); factors8(f, lane, c0 + 1u); factors8(f, lane, c0 + 2u);
+    factors8(f, lane, c0 + 3u); factors8(f, lane, c0 + 4u); factors8(f, lane, c0 + 5u);
+    factors8(f, lane, c0 + 6u); factors8(f, lane, c0 + 7u);
 }
 
-// Readies qv and qmin for keys of (block, kv head) `bh`.
-fn channel_q(bh: u32) {
-    for (var r = 0u; r < 8u; r++) {
-        qmin[r] = 0.0;
-    }
+// Loads the factors of keys of (block, kv head) `bh`.
+fn channel_factors(bh: u32, lane: u32) {
     let f = bh * HEAD_DIM;
-    scale_q(f, 0u); scale_q(f, 8u); scale_q(f, 16u); scale_q(f, 24u);
+    factors(f, lane, 0u); factors(f, lane, 8u); factors(f, lane, 16u); factors(f, lane, 24u);
+}
+
+// Dims d..d+4 of a key of the current block from their codes.
+fn dequant4(d: u32, codes: vec4<f32>) -> vec4<f32> {
+    return fma(codes, vec4<f32>(ks[d], ks[d + 1u], ks[d + 2u], ks[d + 3u]),
+               vec4<f32>(km[d], km[d + 1u], km[d + 2u], km[d + 3u]));
+}
+
+// Eight dims d..d+8 of a key of the current block from one code word, into s.
+fn channel_word(d: u32, word: u32) {
+    dot8(d, dequant4(d, int4_codes(word, 0u)), dequant4(d + 4u, int4_codes(word, 16u)));
 }
 
 // ---- q . k for this lane's key --------------------------------------------------
@@ -175,10 +188,10 @@ fn qk_chunk(base: u32, side: u32, c: u32) {
         int4_word(c * 32u + 16u, w.z, side);
         int4_word(c * 32u + 24u, w.w, side);
     } else {
-        dot8(c * 32u, int4_codes(w.x, 0u), int4_codes(w.x, 16u));
-        dot8(c * 32u + 8u, int4_codes(w.y, 0u), int4_codes(w.y, 16u));
-        dot8(c * 32u + 16u, int4_codes(w.z, 0u), int4_codes(w.z, 16u));
-        dot8(c * 32u + 24u, int4_codes(w.w, 0u), int4_codes(w.w, 16u));
+        channel_word(c * 32u, w.x);
+        channel_word(c * 32u + 8u, w.y);
+        channel_word(c * 32u + 16u, w.z);
+        channel_word(c * 32u + 24u, w.w);
     }
 }
 
@@ -206,11 +219,33 @@ fn qk(row: u32) {
             s[r] *= scale;
         }
     }
-    if (K_DTYPE == 3u) {
-        for (var r = 0u; r < ROWS; r++) {
-            s[r] += qmin[r];
-        }
+}
+
+// Int4 per channel: dims 8c..8c+8 of the F16 key at k_side[base], into s.
+fn open_chunk(base: u32, c: u32) {
+    if (c * 8u >= HEAD_DIM) {
+        return;
     }
+    let b = base + 4u * c;
+    dot8(c * 8u, vec4<f32>(unpack2x16float(k_side[b]), unpack2x16float(k_side[b + 1u])),
+         vec4<f32>(unpack2x16float(k_side[b + 2u]), unpack2x16float(k_side[b + 3u])));
+}
+
+fn open_chunks(base: u32, c0: u32) {
+    open_chunk(base, c0); open_chunk(base, c0 + 1u); open_chunk(base, c0 + 2u);
+    open_chunk(base, c0 + 3u); open_chunk(base, c0 + 4u); open_chunk(base, c0 + 5u);
+    open_chunk(base, c0 + 6u); open_chunk(base, c0 + 7u);
+}
+
+// Scaled q . k of the F16 key held at k_side[base] (an open block), into s.
+fn qk_open(base: u32) {
+    for (var r = 0u; r < 8u; r++) {
+        s[r] = 0.0;
+    }
+    open_chunks(base, 0u);
+    open_chunks(base, 8u);
+    open_chunks(base, 16u);
+    open_chunks(base, 24u);
 }
 
 // ---- p . V over this lane's dims --------------------------------------------------
@@ -370,7 +405,7 @@ fn main(
         sum_q(0u); sum_q(8u); sum_q(16u); sum_q(24u);
     }
 
-    var block = 0xffffffffu; // Int4 per channel: the (block, kv head) qv is scaled for
+    var block = 0xffffffffu; // Int4 per channel: the (block, kv head) of ks and km
     var ma = vec4<f32>(-3.0e38);
     var mb = vec4<f32>(-3.0e38);
     var la = vec4<f32>(0.0);
@@ -386,15 +421,19 @@ fn main(
         let row = kv_addr(w.table_offset, w.kvh, min(t, w.end - 1u));
         let va = visible(t, w.end, pos_a) & vec4<bool>(inside);
         let vb = visible(t, w.end, pos_b) & vec4<bool>(inside);
-        if (K_DTYPE == 3u) {
-            // The step's 8 keys lie in one block (work_of aligns them).
-            let bh = kv_addr(w.table_offset, w.kvh, t0) / BLOCK_SIZE;
-            if (bh != block) {
-                block = bh;
-                channel_q(bh);
+        if (K_DTYPE == 3u && t0 >= w.sealed) {
+            // The step's 8 keys lie in one block (work_of aligns them): the open one.
+            qk_open(open_key(w, min(t, w.end - 1u)));
+        } else {
+            if (K_DTYPE == 3u) {
+                let bh = subgroupBroadcastFirst(kv_addr(w.table_offset, w.kvh, t0) / BLOCK_SIZE);
+                if (bh != block) {
+                    block = bh;
+                    channel_factors(bh, lane);
+                }
             }
+            qk(row);
         }
-        qk(key_row(w, min(t, w.end - 1u), row));
         var sa = vec4<f32>(s[0], s[1], s[2], s[3]);
         var sb = vec4<f32>(s[4], s[5], s[6], s[7]);
         if (P.softcap > 0.0) {

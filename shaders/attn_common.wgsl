@@ -35,11 +35,6 @@ struct AttnParams {
 @group(0) @binding(8) var<storage, read_write> partial: array<f32>; // [queries, q_heads, splits, HEAD_DIM + 2]
 
 override Q_F16: u32 = 0u; // 1: q holds f16, two per word, the lower element in the low half
-// Which keys of each sequence a pass takes. Int4Channel K pools run two passes,
-// each into its own splits of the partials: 1, the keys of its full (quantized)
-// blocks; 2, those of its partly filled block, read as F16 from its open block
-// (bound as k_data). 0: all keys.
-override KEYS: u32 = 0u;
 
 // Per sequence, at the start of `work` (5 words each).
 struct SeqInfo {
@@ -113,7 +108,8 @@ struct Work {
     split: u32,
     begin: u32,        // keys [begin, end)
     end: u32,
-    open: u32,         // the sequence's open block (KEYS == 2)
+    open: u32,         // Int4 per channel: the sequence's open block, holding keys
+    sealed: u32,       // [sealed, kv_len) as F16
 }
 
 fn work_of(wid: vec3<u32>) -> Work {
@@ -132,21 +128,16 @@ fn work_of(wid: vec3<u32>) -> Work {
     if (P.window > 0u && pos0 + 1u > P.window) {
         lo = pos0 + 1u - P.window;
     }
-    if (KEYS != 0u) {
-        // Steps of 8 keys within one block (blocks are multiples of 8): keys below
-        // the window are masked anyway.
+    if (K_DTYPE == 3u) {
+        // Steps of 8 keys within one block (blocks are multiples of 8), so that a
+        // step is all quantized or all open: keys below the window are masked anyway.
         lo -= lo % 8u;
     }
-    var begin = lo + wid.y * P.split_len;
-    var end = min(begin + P.split_len, pos0 + nq);
-    let sealed = info.kv_len - info.kv_len % BLOCK_SIZE;
-    if (KEYS == 1u) {
-        end = min(end, sealed);
-    } else if (KEYS == 2u) {
-        begin = max(begin, sealed);
-    }
+    let begin = lo + wid.y * P.split_len;
+    let end = min(begin + P.split_len, pos0 + nq);
     return Work(kvh, kvh * P.ratio + first_h, min(QH, P.ratio - first_h), info.q_offset + first_q,
-                nq, pos0, P.tables_base + info.table_offset, wid.y, begin, end, info.open);
+                nq, pos0, P.tables_base + info.table_offset, wid.y, begin, end, info.open,
+                info.kv_len - info.kv_len % BLOCK_SIZE);
 }
 
 // Row r of the workgroup is query position r / QH and q head r % QH of its block.
@@ -172,13 +163,12 @@ fn window_block(table_offset: u32, t: u32) -> u32 {
     return tables[table_offset + t / BLOCK_SIZE] - P.block0;
 }
 
-// K row of key t whose pool row is `row`: in the second pass of an Int4Channel
-// pool (KEYS == 2) the row of its sequence's open block.
-fn key_row(w: Work, t: u32, row: u32) -> u32 {
-    if (KEYS == 2u) {
-        return (w.open * P.kv_heads + w.kvh) * BLOCK_SIZE + t % BLOCK_SIZE;
-    }
-    return row;
+// Int4 per channel: where the F16 key t of the work's open block starts in k_side.
+// The open blocks follow the factors of the pool's blocks (one window: P.blocks),
+// at a multiple of 64 words (src/cache/config.rs, PoolLayout::open_base).
+fn open_key(w: Work, t: u32) -> u32 {
+    let base = (P.blocks * P.kv_heads * HEAD_DIM + 63u) / 64u * 64u;
+    return base + ((w.open * P.kv_heads + w.kvh) * BLOCK_SIZE + t % BLOCK_SIZE) * (HEAD_DIM / 2u);
 }
 
 // Pool row of key t for kv head kvh within the window; a key outside the window

@@ -117,8 +117,8 @@ impl TryFrom<KvDtype> for CacheLevel {
     type Error = Error;
 
     /// The level of a dtype stored in the level's own format: F16, Int8, FP8 E4M3
-    /// and Int4 of any group (the level does not name a group). BF16 and FP8 E5M2
-    /// have no level.
+    /// and Int4 of any group or per channel (the level does not name a group). BF16
+    /// and FP8 E5M2 have no level.
     fn try_from(d: KvDtype) -> Result<Self> {
         match d {
             KvDtype::F16 => Ok(CacheLevel::Fp16),

@@ -80,11 +80,11 @@ fn held(x: Vec<f32>, elem: Elem) -> Vec<f32> {
 /// prefill of prompts of different lengths, then decode steps, every layer each
 /// step; q, k, v and the output in `elem`. Returns the largest difference between
 /// the two paths' outputs, and the device path's outputs.
-fn device_and_host(b: &Arc<dyn Backend>, elem: Elem) -> (f64, Vec<Vec<f32>>) {
+fn device_and_host(b: &Arc<dyn Backend>, cfg: CacheConfig, elem: Elem) -> (f64, Vec<Vec<f32>>) {
     let p = AttnParams::new(Q_HEADS);
     let (mut dev, mut host) = (
-        KvCache::new(b.clone(), config()).unwrap(),
-        KvCache::new(b.clone(), config()).unwrap(),
+        KvCache::new(b.clone(), cfg).unwrap(),
+        KvCache::new(b.clone(), cfg).unwrap(),
     );
     let seqs: Vec<SeqId> = (0..4).map(|_| dev.add_sequence()).collect();
     assert_eq!(
@@ -94,7 +94,9 @@ fn device_and_host(b: &Arc<dyn Backend>, elem: Elem) -> (f64, Vec<Vec<f32>>) {
     let mut rng = Rng::new(9);
     let mut worst = 0f64;
     let mut outputs = Vec::new();
-    let prompts = [5usize, 17, 33, 64];
+    // Int4Channel keys (32-token blocks): 30 fills its block in the second decode
+    // step, 33 seals one in the prompt, 64 two.
+    let prompts = [5usize, 30, 33, 64];
     for step in 0..5 {
         let batch: Vec<(SeqId, usize)> = if step == 0 {
             seqs.iter().copied().zip(prompts).collect()
@@ -167,10 +169,18 @@ fn device_and_host(b: &Arc<dyn Backend>, elem: Elem) -> (f64, Vec<Vec<f32>>) {
 fn device_path_matches_host_api_and_the_cpu_in_f32_and_f16() {
     // (elem, largest difference from the CPU reference's device path: f32 rounding
     // of the kernels; the same plus an f16 ulp of O(1) outputs.)
-    for (elem, vs_cpu) in [(Elem::F32, 2e-4), (Elem::F16, 2e-3)] {
+    let int4c = config().with_dtypes(KvDtype::Int4Channel, KvDtype::Int4 { group: 32 });
+    for (cfg, (elem, vs_cpu)) in [config(), int4c]
+        .into_iter()
+        .flat_map(|c| [(c, (Elem::F32, 2e-4)), (c, (Elem::F16, 2e-3))])
+    {
         let mut cpu: Option<Vec<Vec<f32>>> = None;
         for b in backends() {
-            let (diff, outputs) = device_and_host(&b, elem);
+            // CUDA does not store Int4Channel keys yet.
+            if cfg.k_dtype.per_channel() && b.info().kind == kvq::backend::BackendKind::Cuda {
+                continue;
+            }
+            let (diff, outputs) = device_and_host(&b, cfg, elem);
             // The same kernels on the same data: f32 agrees exactly; f16 outputs
             // are the f32 ones rounded, within half an f16 ulp of O(1) values.
             let same = if elem == Elem::F32 { 1e-6 } else { 1e-3 };

@@ -43,36 +43,26 @@ fn keys() -> Vec<PipelineKey> {
                         keys.push(PipelineKey::rows(kernel, &kl));
                     }
                 }
-                // An Int4Channel pool's second pass reads its open blocks as F16.
-                let passes: Vec<_> = if k.per_channel() {
-                    vec![kl, kl.open_view()]
-                } else {
-                    vec![kl]
-                };
                 for v in [KvDtype::F16, KvDtype::Int8, KvDtype::int4_default(d)] {
                     let vl = cfg.layout(v);
-                    for (pass, kl) in passes.iter().enumerate() {
-                        let open = |key: PipelineKey| if pass == 1 { key.open_pass() } else { key };
-                        for ratio in 1u32..=8 {
-                            let prefill = prefill_heads_per_group(ratio);
-                            for (qh, qb) in
-                                [(decode_heads_per_group(ratio), 1), (prefill, 8 / prefill)]
-                            {
-                                // The default register budget and the smallest lanes.
-                                let mut shapes = [LANE_FLOATS, 8]
-                                    .map(|floats| lane_shape(kl, &vl, qh * qb, floats))
-                                    .to_vec();
-                                shapes.dedup();
-                                for shape in shapes {
-                                    for subgroup in [false, true] {
-                                        keys.push(open(PipelineKey::attention(
-                                            kl, &vl, qh, qb, shape, subgroup,
-                                        )));
-                                    }
+                    for ratio in 1u32..=8 {
+                        let prefill = prefill_heads_per_group(ratio);
+                        for (qh, qb) in [(decode_heads_per_group(ratio), 1), (prefill, 8 / prefill)]
+                        {
+                            // The default register budget and the smallest lanes.
+                            let mut shapes = [LANE_FLOATS, 8]
+                                .map(|floats| lane_shape(&kl, &vl, qh * qb, floats))
+                                .to_vec();
+                            shapes.dedup();
+                            for shape in shapes {
+                                for subgroup in [false, true] {
+                                    keys.push(PipelineKey::attention(
+                                        &kl, &vl, qh, qb, shape, subgroup,
+                                    ));
                                 }
-                                if lanes_fit(kl, &vl) {
-                                    keys.push(open(PipelineKey::attention_lanes(kl, &vl, qh, qb)));
-                                }
+                            }
+                            if lanes_fit(&kl, &vl) {
+                                keys.push(PipelineKey::attention_lanes(&kl, &vl, qh, qb));
                             }
                         }
                     }

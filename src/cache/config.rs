@@ -249,7 +249,8 @@ impl PoolLayout {
     }
 
     /// Int4Channel: where the open blocks start in the side array (after the
-    /// factors, at a 256-byte boundary so that kernels can bind them alone).
+    /// factors, at a 256-byte boundary so that kernels can bind them alone;
+    /// `shaders/attn_common.wgsl` computes it too).
     pub fn open_base(&self) -> usize {
         (self.num_blocks * self.kv_heads * self.head_dim).next_multiple_of(64)
     }
@@ -261,8 +262,8 @@ impl PoolLayout {
     }
 
     /// An Int4Channel pool's open blocks as an F16 pool of their own (the side
-    /// array from [`open_base`](Self::open_base) on), as the kernels that write and
-    /// read them see it.
+    /// array from [`open_base`](Self::open_base) on), as the kernels that write them
+    /// see it.
     pub fn open_view(&self) -> PoolLayout {
         PoolLayout {
             dtype: KvDtype::F16,

@@ -59,22 +59,8 @@ pub struct Partition {
     pub uniform: [u32; 12],
     /// `ReduceParams` of `attn_reduce.wgsl`.
     pub reduce_uniform: [u32; 4],
-    /// Words of split-K partials per split of every row.
-    pub split_words: usize,
-    /// Int4Channel K pools: the pass over each sequence's open block.
-    pub open: Option<OpenPass>,
-}
-
-/// The second attention pass over an Int4Channel K pool: the keys of each
-/// sequence's open block, F16, into one split of its own after the first pass's.
-#[derive(Debug, Clone)]
-pub struct OpenPass {
-    /// The attention kernel, K its F16 open blocks (its q element type still to be set).
-    pub attention: PipelineKey,
-    /// Its grid: one split.
-    pub grid: [u32; 3],
-    /// Its `AttnParams` (words 0..12).
-    pub uniform: [u32; 12],
+    /// Words of split-K partials.
+    pub partial_words: usize,
 }
 
 /// The partition of `step`'s attention on `b`.
@@ -93,19 +79,16 @@ pub fn partition(b: &WgpuBackend, step: &Step<'_>) -> Result<Partition> {
     };
     let work = Work::new(step, params);
     let (qh, qb) = (work.qh, work.qb);
-    let kernel = |kl: &PoolLayout| {
-        if b.lanes && lanes_fit(kl, vl) {
-            (PipelineKey::attention_lanes(kl, vl, qh, qb), LANES)
-        } else {
-            let shape = lane_shape(kl, vl, qh * qb, b.lane_floats);
-            let subgroup = b.subgroup_size.is_some_and(|s| shape.lanes <= s);
-            (
-                PipelineKey::attention(kl, vl, qh, qb, shape, subgroup),
-                shape.keys_per_step(),
-            )
-        }
+    let (attention, step_keys) = if b.lanes && lanes_fit(kl, vl) {
+        (PipelineKey::attention_lanes(kl, vl, qh, qb), LANES)
+    } else {
+        let shape = lane_shape(kl, vl, qh * qb, b.lane_floats);
+        let subgroup = b.subgroup_size.is_some_and(|s| shape.lanes <= s);
+        (
+            PipelineKey::attention(kl, vl, qh, qb, shape, subgroup),
+            shape.keys_per_step(),
+        )
     };
-    let (attention, step_keys) = kernel(kl);
     let max = b.info().limits.max_workgroups_per_dimension;
     let target = match b.info().device_type {
         DeviceType::Cpu => {
@@ -130,16 +113,6 @@ pub fn partition(b: &WgpuBackend, step: &Step<'_>) -> Result<Partition> {
     }
     let rows = work.rows as u32;
     let x = rows.clamp(1, max);
-    let open = kl.dtype.per_channel().then(|| {
-        let (key, _) = kernel(&kl.open_view());
-        // One split over every key: the pass clips it to the open block.
-        let all = work.max_kv_len.next_multiple_of(TILE).max(TILE);
-        OpenPass {
-            attention: key.open_pass(),
-            grid: [work.head_blocks, 1, work.items],
-            uniform: work.params_words(kl, 1, all),
-        }
-    });
     Ok(Partition {
         attention,
         grid,
@@ -147,16 +120,7 @@ pub fn partition(b: &WgpuBackend, step: &Step<'_>) -> Result<Partition> {
         reduce_grid: [x, rows.div_ceil(x), 1],
         uniform: work.params_words(kl, splits, split_len),
         reduce_uniform: [rows, splits as u32, 0, 0],
-        split_words: work.partial_words(d, 1),
-        open,
+        partial_words: work.partial_words(d, splits),
         work: work.words,
     })
-}
-
-impl Partition {
-    /// Splits each row's partials hold: the first pass's per window, and the open
-    /// pass's one.
-    pub fn total_splits(&self, windows: usize) -> usize {
-        self.grid[1] as usize * windows + self.open.is_some() as usize
-    }
 }

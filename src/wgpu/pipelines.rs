@@ -87,16 +87,6 @@ impl PipelineKey {
         }
     }
 
-    /// This attention key as the second pass over an Int4Channel K pool: the keys
-    /// of each sequence's open block (its K layout is the open blocks' F16 view,
-    /// [`PoolLayout::open_view`]).
-    pub fn open_pass(mut self) -> Self {
-        for c in self.constants.iter_mut().filter(|c| c.0 == "KEYS") {
-            c.1 = 2;
-        }
-        self
-    }
-
     /// This key with one more constant (an element type, say).
     pub fn with(mut self, name: &'static str, value: u32) -> Self {
         self.constants.push((name, value));
@@ -235,7 +225,6 @@ fn attention_constants(
         ("BLOCK_SIZE", k.block_size as u32),
         ("ROTATE_Q", k.rotated as u32),
         ("NORM_BITS", norm_bits(k.head_dim)),
-        ("KEYS", k.dtype.per_channel() as u32),
     ]
 }
 

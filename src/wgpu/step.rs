@@ -45,17 +45,15 @@ fn append_uniform(w: &Window) -> u64 {
     (2 + 2 * w.index as u64) * UNIFORM_BLOCK
 }
 
-/// The uniform blocks of an Int4Channel K pool's work, after the window's.
+/// The uniform blocks of an Int4Channel K pool's append, after the window's.
 #[derive(Debug, Clone, Copy)]
 enum OpenUniform {
-    /// Attention over the open blocks.
-    Attention = 0,
     /// Staging the new keys as F16.
-    Stage = 1,
+    Stage = 0,
     /// Sealing the blocks the append fills.
-    Seal = 2,
+    Seal = 1,
     /// Writing the other new keys into their open blocks.
-    Tail = 3,
+    Tail = 2,
 }
 
 fn open_uniform(which: OpenUniform) -> u64 {
@@ -98,12 +96,10 @@ pub fn prepare(b: &WgpuBackend, step: &Step<'_>) -> Result<Prepared> {
     let work = attention.as_ref().map_or(&[][..], |a| &a.work);
     let records = step.records(work, align);
     let meta = records.words.len() as u64 * 4;
-    // Each window's partials follow the last's: splits x windows per row, then
-    // the open pass's split.
-    let splits = attention.as_ref().map_or(0, |a| a.total_splits(count));
+    // Each window's partials follow the last's: splits x windows per row.
     let partial = attention
         .as_ref()
-        .map_or(0, |a| (a.split_words * splits) as u64 * 4);
+        .map_or(0, |a| (a.partial_words * count) as u64 * 4);
     // Staged new keys: F16, [tokens, kv_heads, head_dim / 2] words.
     let stage = match seal_grids {
         Some(_) => (step.slots.len() * step.k.kv_heads * step.k.head_dim * 2) as u64,
@@ -112,7 +108,7 @@ pub fn prepare(b: &WgpuBackend, step: &Step<'_>) -> Result<Prepared> {
     b.check_binding(meta)?;
     b.check_binding(partial)?;
     b.check_binding(stage)?;
-    let blocks = if per_channel { 7 } else { 1 + 2 * count as u64 };
+    let blocks = 1 + 2 * count as u64 + 3 * per_channel as u64;
     let uniform_bytes = blocks * UNIFORM_BLOCK;
     let lease = lease(
         &b.workspaces,
@@ -127,7 +123,7 @@ pub fn prepare(b: &WgpuBackend, step: &Step<'_>) -> Result<Prepared> {
     }
     let mut uniform = vec![0u32; uniform_bytes as usize / 4];
     let at = |offset: u64| offset as usize / 4;
-    let splits = splits as u32;
+    let splits = attention.as_ref().map_or(0, |a| a.grid[1] * count as u32);
     if let Some(a) = &attention {
         let [rows, ..] = a.reduce_uniform;
         let r = at(REDUCE_UNIFORM);
@@ -153,12 +149,6 @@ pub fn prepare(b: &WgpuBackend, step: &Step<'_>) -> Result<Prepared> {
     }
     if per_channel {
         let (k, tokens) = (step.k, step.slots.len() as u32);
-        if let Some(open) = attention.as_ref().and_then(|a| a.open.as_ref()) {
-            let u = at(open_uniform(OpenUniform::Attention));
-            uniform[u..u + 12].copy_from_slice(&open.uniform);
-            let blocks = k.num_blocks as u32;
-            uniform[u + 10..u + 16].copy_from_slice(&[0, blocks, splits - 1, splits, work, tables]);
-        }
         let (heads, bs) = (k.kv_heads as u32, k.block_size as u32);
         let stage = [
             tokens,
@@ -321,7 +311,7 @@ pub fn record_attention(
         return Ok(());
     };
     let ws = st.lease.get();
-    let bytes = (a.split_words * a.total_splits(st.windows.count())) as u64 * 4;
+    let bytes = (a.partial_words * st.windows.count()) as u64 * 4;
     let partial = b.rest(&ws.partial, (0, bytes));
     let meta = b.rest(&ws.meta, (0, st.meta));
     let key = a
@@ -343,32 +333,6 @@ pub fn record_attention(
             partial.clone(),
         ];
         b.record(enc, &key, &ranges, a.grid);
-    }
-    if let Some(open) = &a.open {
-        // The keys of each sequence's open block, F16 from the K side array.
-        let side = WgpuBackend::raw(&pools.0.side)?;
-        let [v_data, v_side] = st
-            .windows
-            .iter()
-            .next()
-            .expect("one window")
-            .ranges(pools.1)?;
-        let ranges = [
-            Range::new(&ws.uniform, open_uniform(OpenUniform::Attention), 64),
-            q_range.clone(),
-            meta.clone(),
-            meta.clone(),
-            b.rest(side, (pools.0.layout.open_base() as u64 * 4, 0)),
-            Range::whole(side),
-            v_data,
-            v_side,
-            partial.clone(),
-        ];
-        let key = open
-            .attention
-            .clone()
-            .with("Q_F16", (q.elem == Elem::F16) as u32);
-        b.record(enc, &key, &ranges, open.grid);
     }
     let key = a
         .reduce
