@@ -13,6 +13,7 @@ use kvq::backend::BackendKind;
 use kvq::cpu::CpuBackend;
 use kvq::quant::stored_sequence;
 use kvq::reference::{attention_f64, error_stats};
+use kvq::wgpu::WgpuBackend;
 use kvq::{AttnParams, Backend, CacheConfig, Error, KvCache, KvDtype, SeqId};
 
 const D: usize = 64;
@@ -63,6 +64,22 @@ fn int4c_gpus() -> Vec<Arc<dyn Backend>> {
             false
         })
         .collect()
+}
+
+/// wgpu's `attention.wgsl` (what GPUs run), summing over lanes with subgroups and
+/// through workgroup memory, where the adapter would choose `attention_lanes.wgsl`.
+fn generic_kernels() -> Vec<Arc<dyn Backend>> {
+    let Some(gpu) = common::gpu() else {
+        return Vec::new();
+    };
+    let open = || WgpuBackend::open_named(&gpu.info().name).unwrap();
+    if !open().uses_lanes() {
+        return Vec::new(); // gpus() runs attention.wgsl already
+    }
+    vec![
+        Arc::new(open().without_lanes()),
+        Arc::new(open().without_lanes().without_subgroups()),
+    ]
 }
 
 struct Pair {
@@ -145,7 +162,24 @@ impl Pair {
     /// Decode and prefill (the last `n` positions of every sequence) agree between
     /// the backends, and the CPU's with f64 attention over the format's values.
     fn assert_attention_agrees(&self, rng: &mut Rng, rotate: bool, v_dtype: KvDtype, what: &str) {
-        let p = AttnParams::new(Q_HEADS);
+        // A sliding window whose first key is not a multiple of 8, and softcapping.
+        for p in [
+            AttnParams::new(Q_HEADS),
+            AttnParams::new(Q_HEADS).with_window(45).with_softcap(8.0),
+        ] {
+            self.assert_attention_agrees_with(rng, rotate, v_dtype, &p, what);
+        }
+    }
+
+    fn assert_attention_agrees_with(
+        &self,
+        rng: &mut Rng,
+        rotate: bool,
+        v_dtype: KvDtype,
+        p: &AttnParams,
+        what: &str,
+    ) {
+        let p = *p;
         let lens: Vec<usize> = self
             .seqs
             .iter()
@@ -189,8 +223,11 @@ impl Pair {
 
 #[test]
 fn gpu_matches_cpu_and_the_format_around_block_boundaries() {
-    for gpu in int4c_gpus() {
-        for v in [KvDtype::Int4 { group: 32 }, KvDtype::Int8, KvDtype::F16] {
+    let all = [KvDtype::Int4 { group: 32 }, KvDtype::Int8, KvDtype::F16];
+    let kernels = int4c_gpus().into_iter().map(|g| (g, &all[..]));
+    let generic = generic_kernels().into_iter().map(|g| (g, &all[..1]));
+    for (gpu, values) in kernels.chain(generic) {
+        for &v in values {
             for rotate in [false, true] {
                 let mut pair = Pair::new(&gpu, config(v, rotate));
                 let mut rng = Rng::new(7);
@@ -350,4 +387,105 @@ fn configurations_int4c_cannot_take_are_refused() {
     );
     assert_eq!("int4c".parse::<KvDtype>().unwrap(), KvDtype::Int4Channel);
     assert_eq!(KvDtype::Int4Channel.to_string(), "int4c");
+}
+
+/// Random appends, truncations and frees keep the open blocks straight: a sequence
+/// holds one exactly while its last block is partly filled, no two share one, none
+/// is lost; each append seals exactly the blocks it fills, and sends every other new
+/// key to its sequence's open block; a failed call changes nothing.
+#[test]
+fn open_block_bookkeeping_under_random_use() {
+    use kvq::cache::BlockManager;
+    let (blocks, bs, opens) = (48usize, 8usize, 5usize);
+    let mut m = BlockManager::new(blocks, bs).with_open_blocks(opens);
+    let mut rng = Rng::new(5);
+    let mut seqs: Vec<SeqId> = Vec::new();
+    let mut outcomes = [0usize; 2]; // calls that succeeded, that ran out
+    for step in 0..3000 {
+        let before = m.clone();
+        let op = rng.below(10);
+        let result = if (op == 0 && seqs.len() < 8) || seqs.is_empty() {
+            seqs.push(m.add());
+            Ok(())
+        } else if op == 1 {
+            let s = seqs.swap_remove(rng.below(seqs.len()));
+            m.remove(s)
+        } else if op <= 3 {
+            let s = seqs[rng.below(seqs.len())];
+            let len = m.len(s).unwrap();
+            let to = rng.below(len + 1);
+            let old_open = m.open_block(s).unwrap();
+            m.truncate(s, to).map(|moves| {
+                // Moves only when the cut lands inside a block that was full.
+                let reopened = to % bs != 0 && len >= (to / bs + 1) * bs;
+                assert_eq!(
+                    moves.len(),
+                    if reopened { to % bs } else { 0 },
+                    "step {step}"
+                );
+                if to % bs != 0 && len / bs == to / bs {
+                    assert_eq!(m.open_block(s).unwrap(), old_open, "same open block");
+                }
+            })
+        } else {
+            let n = 1 + rng.below(3);
+            let mut batch: Vec<(SeqId, usize)> = Vec::new();
+            for _ in 0..n {
+                let s = seqs[rng.below(seqs.len())];
+                if batch.iter().all(|b| b.0 != s) {
+                    batch.push((s, 1 + rng.below(2 * bs)));
+                }
+            }
+            let lens: Vec<usize> = batch.iter().map(|b| m.len(b.0).unwrap()).collect();
+            m.grow(&batch).map(|ext| {
+                let filled: usize = batch
+                    .iter()
+                    .zip(&lens)
+                    .map(|(b, &l)| (l + b.1) / bs - l / bs)
+                    .sum();
+                assert_eq!(ext.seals.len(), filled, "step {step}: seals");
+                let mut t = 0;
+                for (b, &l) in batch.iter().zip(&lens) {
+                    let new = l + b.1;
+                    let open = m.open_block(b.0).unwrap();
+                    for p in l..new {
+                        let want = if p >= new / bs * bs {
+                            let o = open.expect("a partly filled block has an open block");
+                            (blocks * bs) as u32 + o * bs as u32 + (p % bs) as u32
+                        } else {
+                            u32::MAX
+                        };
+                        assert_eq!(ext.open_slots[t], want, "step {step}: token {t}");
+                        t += 1;
+                    }
+                }
+            })
+        };
+        match result {
+            Ok(()) => outcomes[0] += 1,
+            Err(Error::OpenBlocksExhausted { .. } | Error::CapacityExceeded { .. }) => {
+                assert_eq!(
+                    m, before,
+                    "step {step}: a failed call changed the bookkeeping"
+                );
+                outcomes[1] += 1;
+            }
+            Err(e) => panic!("step {step}: {e}"),
+        }
+        let mut held = Vec::new();
+        for &s in &seqs {
+            let partly = m.len(s).unwrap() % bs != 0;
+            let open = m.open_block(s).unwrap();
+            assert_eq!(open.is_some(), partly, "step {step}: {s:?}");
+            held.extend(open);
+        }
+        held.sort_unstable();
+        held.dedup();
+        assert_eq!(
+            held.len() + m.free_open_blocks(),
+            opens,
+            "step {step}: open blocks lost or shared"
+        );
+    }
+    assert!(outcomes[0] > 1000 && outcomes[1] > 100, "{outcomes:?}");
 }
