@@ -176,10 +176,6 @@ fn device_path_matches_host_api_and_the_cpu_in_f32_and_f16() {
     {
         let mut cpu: Option<Vec<Vec<f32>>> = None;
         for b in backends() {
-            // CUDA does not store Int4Channel keys yet.
-            if cfg.k_dtype.per_channel() && b.info().kind == kvq::backend::BackendKind::Cuda {
-                continue;
-            }
             let (diff, outputs) = device_and_host(&b, cfg, elem);
             // The same kernels on the same data: f32 agrees exactly; f16 outputs
             // are the f32 ones rounded, within half an f16 ulp of O(1) values.

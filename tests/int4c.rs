@@ -9,7 +9,6 @@ mod common;
 use std::sync::Arc;
 
 use common::{Rng, gpus};
-use kvq::backend::BackendKind;
 use kvq::cpu::CpuBackend;
 use kvq::quant::stored_sequence;
 use kvq::reference::{attention_f64, error_stats};
@@ -44,26 +43,6 @@ fn config(v: KvDtype, rotate: bool) -> CacheConfig {
         .with_dtypes(KvDtype::Int4Channel, v)
         .with_rotation(rotate)
         .with_open_blocks(4)
-}
-
-/// The GPUs that store Int4Channel keys (CUDA does not yet: it says so).
-fn int4c_gpus() -> Vec<Arc<dyn Backend>> {
-    gpus()
-        .into_iter()
-        .filter(|g| {
-            if g.info().kind != BackendKind::Cuda {
-                return true;
-            }
-            let err = KvCache::new(g.clone(), config(KvDtype::Int8, false))
-                .and_then(|mut c| {
-                    let s = c.add_sequence();
-                    c.append(&[(s, 1)], &[0.0; HEADS * D], &[0.0; HEADS * D])
-                })
-                .unwrap_err();
-            assert!(matches!(err, Error::Unsupported(_)), "{err}");
-            false
-        })
-        .collect()
 }
 
 /// wgpu's `attention.wgsl` (what GPUs run), summing over lanes with subgroups and
@@ -224,7 +203,7 @@ impl Pair {
 #[test]
 fn gpu_matches_cpu_and_the_format_around_block_boundaries() {
     let all = [KvDtype::Int4 { group: 32 }, KvDtype::Int8, KvDtype::F16];
-    let kernels = int4c_gpus().into_iter().map(|g| (g, &all[..]));
+    let kernels = gpus().into_iter().map(|g| (g, &all[..]));
     let generic = generic_kernels().into_iter().map(|g| (g, &all[..1]));
     for (gpu, values) in kernels.chain(generic) {
         for &v in values {
@@ -247,7 +226,7 @@ fn gpu_matches_cpu_and_the_format_around_block_boundaries() {
 /// every backend alike.
 #[test]
 fn truncate_into_a_full_block_reopens_it() {
-    for gpu in int4c_gpus() {
+    for gpu in gpus() {
         for rotate in [false, true] {
             let mut pair = Pair::new(&gpu, config(KvDtype::Int4 { group: 32 }, rotate));
             let mut rng = Rng::new(11);
@@ -304,7 +283,7 @@ fn truncate_into_a_full_block_reopens_it() {
 fn read_kv_gives_the_format_values() {
     for backend in [
         vec![Arc::new(CpuBackend::new()) as Arc<dyn Backend>],
-        int4c_gpus(),
+        gpus(),
     ]
     .concat()
     {

@@ -9,7 +9,7 @@
 #define V_CODE 0
 #endif
 #ifndef K_DTYPE
-#define K_DTYPE 1 // packing: 0 16-bit pairs, 1 bytes + scale, 2 Int4 (common.cuh)
+#define K_DTYPE 1 // packing: 0 16-bit pairs, 1 bytes + scale, 2 Int4, 3 Int4 per channel (common.cuh)
 #define V_DTYPE 1
 #define DL 16     // dims per lane: 8, 16 or 32
 #define ROWS 4    // query rows of a block: QH heads x QB positions, at most 8
@@ -17,7 +17,8 @@
 #endif
 
 #define WG 64
-#define K_LW (DL / (2 << K_DTYPE)) // words of a lane's slice of a K row: 1, 2 or 4
+#define K_PACK (K_DTYPE > 2 ? 2 : K_DTYPE) // Int4 per channel packs codes as Int4
+#define K_LW (DL / (2 << K_PACK)) // words of a lane's slice of a K row: 1, 2 or 4
 #define V_LW (DL / (2 << V_DTYPE))
 #define NEG (-3.0e38f)
 
@@ -32,7 +33,7 @@ struct AttnParams {
     u32 work_offset; // where work items start in `work`
     float scale;
     float softcap;   // 0: off
-    u32 pad0;
+    u32 open_base;   // Int4 per channel: where the open blocks start in k_side, in words
     u32 pad1;
 };
 
@@ -51,6 +52,7 @@ struct AttnShape {
 // What one block computes: the work item of attn_common.wgsl's work_of.
 struct Work {
     u32 kvh, h0, nh, q0, nq, pos0, table_offset, split, begin, end;
+    u32 open, sealed; // Int4 per channel: keys [sealed, kv_len) are F16 in open block `open`
 };
 
 __device__ Work work_of(const AttnParams& P, const AttnShape& S, const u32* work) {
@@ -61,6 +63,8 @@ __device__ Work work_of(const AttnParams& P, const AttnShape& S, const u32* work
     u32 kv_len = work[5 * seq], table_offset = work[5 * seq + 1];
     u32 q_offset = work[5 * seq + 2], q_len = work[5 * seq + 3];
     Work w;
+    w.open = work[5 * seq + 4];
+    w.sealed = kv_len - kv_len % P.block_size;
     w.nq = min(qb, q_len - first_q);
     w.pos0 = kv_len - q_len + first_q;
     u32 blocks = (P.ratio + S.qh - 1) / S.qh;
@@ -69,6 +73,9 @@ __device__ Work work_of(const AttnParams& P, const AttnShape& S, const u32* work
     u32 lo = 0;
     if (P.window > 0 && w.pos0 + 1 > P.window) {
         lo = w.pos0 + 1 - P.window;
+    }
+    if (K_DTYPE == 3) {
+        lo -= lo % 8; // as attn_common.wgsl (keys below the window are masked anyway)
     }
     w.begin = lo + blockIdx.y * P.split_len;
     w.end = min(w.begin + P.split_len, w.pos0 + w.nq);
@@ -184,13 +191,17 @@ attention(AttnParams P, AttnShape S, const u32* q, const u32* work, const u32* t
     const u32 x = lid % kt;
     const bool on = x * DL < d;
     const u32 xs = min(x, d / DL - 1); // the slice a lane past head_dim loads anyway
-    const u32 k_words = d / (2 << K_DTYPE), v_words = d / (2 << V_DTYPE);
+    const u32 k_words = d / (2 << K_PACK), v_words = d / (2 << V_DTYPE);
     const u32 k_groups = K_DTYPE == 2 ? d / S.k_group : 1;
     const u32 v_groups = V_DTYPE == 2 ? d / S.v_group : 1;
     const u32 k_side_at = K_DTYPE == 2 ? xs * DL / S.k_group : 0;
     const u32 v_side_at = V_DTYPE == 2 ? xs * DL / S.v_group : 0;
 
     float qr[ROWS * DL], acc[ROWS * DL];
+    // Int4 per channel: the (block, kv head) whose factors for this lane's dims are
+    // in cs (scales) and cm (mins).
+    u32 cblock = 0xffffffffu;
+    float cs[DL], cm[DL];
     float qsum[ROWS], accm[ROWS], m[ROWS], l[ROWS];
     u32 pos[ROWS];
 #pragma unroll
@@ -214,16 +225,21 @@ attention(AttnParams P, AttnShape S, const u32* q, const u32* work, const u32* t
         // Load the step's keys t0 + j * nz + z: slices of their rows and factors.
         uint4 kw[KB], vw[KB];
         float2 kf[KB], vf[KB];
+        u32 krow[KB], kopen[KB];
 #pragma unroll
         for (int j = 0; j < KB; j++) {
             u32 t = min(t0 + j * nz + z, w.end - 1);
             u32 b = tables[w.table_offset + t / P.block_size];
             u32 row = (b * P.kv_heads + w.kvh) * P.block_size + t % P.block_size;
+            krow[j] = row;
+            kopen[j] = K_DTYPE == 3 && t >= w.sealed
+                ? P.open_base + ((w.open * P.kv_heads + w.kvh) * P.block_size + t % P.block_size) * (d / 2)
+                : 0;
             u32 ki = row * k_words + xs * K_LW;
             kw[j] = slice(k_data[ki / 4], ki, K_LW);
             u32 vi = row * v_words + xs * V_LW;
             vw[j] = slice(v_data[vi / 4], vi, V_LW);
-            kf[j] = factors(K_DTYPE, K_DTYPE == 0 ? 0 : k_side[row * k_groups + k_side_at]);
+            kf[j] = factors(K_DTYPE, K_DTYPE == 0 || K_DTYPE == 3 ? 0 : k_side[row * k_groups + k_side_at]);
             vf[j] = factors(V_DTYPE, V_DTYPE == 0 ? 0 : v_side[row * v_groups + v_side_at]);
         }
         // This lane's part of q . k, per key and row; each K word dequantized once.
@@ -235,16 +251,45 @@ attention(AttnParams P, AttnShape S, const u32* q, const u32* work, const u32* t
             for (int r = 0; r < ROWS; r++) {
                 s[r] = 0.0f;
             }
+            if (K_DTYPE == 3 && kopen[j] != 0) {
+                // A key of the open block: F16, read word by word (a few per sequence).
 #pragma unroll
-            for (int wi = 0; wi < K_LW; wi++) {
-                constexpr int per = 2 << K_DTYPE; // codes per word
-                float c[per];
-                codes<K_DTYPE, K_CODE>(word(kw[j], wi), c);
+                for (int wi = 0; wi < DL / 2; wi++) {
+                    float2 c = pair_value(k_side[kopen[j] + xs * (DL / 2) + wi], 0);
 #pragma unroll
-                for (int r = 0; r < ROWS; r++) {
+                    for (int r = 0; r < ROWS; r++) {
+                        s[r] = fmaf(qr[r * DL + 2 * wi], c.x, s[r]);
+                        s[r] = fmaf(qr[r * DL + 2 * wi + 1], c.y, s[r]);
+                    }
+                }
+            } else {
+                if (K_DTYPE == 3 && krow[j] / P.block_size != cblock) {
+                    // The lane's (scale, min) per channel of the key's block.
+                    cblock = krow[j] / P.block_size;
 #pragma unroll
-                    for (int e = 0; e < per; e++) {
-                        s[r] = fmaf(qr[r * DL + wi * per + e], c[e], s[r]);
+                    for (int e = 0; e < DL; e++) {
+                        u32 f = k_side[cblock * d + xs * DL + e];
+                        cs[e] = f16_value(f);
+                        cm[e] = f16_value(f >> 16);
+                    }
+                }
+#pragma unroll
+                for (int wi = 0; wi < K_LW; wi++) {
+                    constexpr int per = 2 << K_PACK; // codes per word
+                    float c[per];
+                    codes<K_PACK, K_CODE>(word(kw[j], wi), c);
+                    if (K_DTYPE == 3) {
+#pragma unroll
+                        for (int e = 0; e < per; e++) {
+                            c[e] = fmaf(c[e], cs[wi * per + e], cm[wi * per + e]);
+                        }
+                    }
+#pragma unroll
+                    for (int r = 0; r < ROWS; r++) {
+#pragma unroll
+                        for (int e = 0; e < per; e++) {
+                            s[r] = fmaf(qr[r * DL + wi * per + e], c[e], s[r]);
+                        }
                     }
                 }
             }

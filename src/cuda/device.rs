@@ -272,6 +272,8 @@ pub struct CudaBackend {
 struct Workspace {
     meta: Arc<DeviceBuffer>,
     partial: Arc<DeviceBuffer>,
+    /// Int4Channel keys: the new keys staged as F16 for the seals.
+    stage: Arc<DeviceBuffer>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -291,6 +293,18 @@ struct CudaStep {
     tables: u64,
     append_grid: (u32, u32, u32),
     attention: Option<Attention>,
+    /// Int4Channel keys: where the open slots, seals and staging slots start in
+    /// the records (bytes), and the seals' grid (`None` when none).
+    open: OpenRecords,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct OpenRecords {
+    open_slots: u64,
+    seals: u64,
+    stage: u64,
+    seal_count: u32,
+    seal_grid: Option<(u32, u32, u32)>,
 }
 
 #[derive(Debug)]
@@ -363,11 +377,13 @@ struct RowParams {
     norm: f32,
     src_f16: u32,
     code: u32,
+    slot0: u32,
+    open_base: u32,
     pad: u32,
 }
 // SAFETY: plain old data passed by value as a kernel argument: `repr(C)`, eight
-// u32, one f32 and three u32 (4-byte fields, so no padding; no pointers; every
-// bit pattern valid), field for field rows.cu's `RowParams` (48 bytes).
+// u32, one f32 and five u32 (4-byte fields, so no padding; no pointers; every
+// bit pattern valid), field for field rows.cu's `RowParams` (56 bytes).
 unsafe impl DeviceRepr for RowParams {}
 
 impl RowParams {
@@ -384,10 +400,41 @@ impl RowParams {
             rotate: l.rotated as u32,
             norm: hadamard_norm(l.head_dim),
             src_f16: src_f16 as u32,
+            slot0: 0,
+            open_base: if l.dtype.per_channel() {
+                l.open_base() as u32
+            } else {
+                0
+            },
             pad: 0,
         }
     }
+
+    /// F16 rows into an Int4Channel pool's open blocks (the side array from its
+    /// open base), at slots `capacity + open * block_size + offset`.
+    fn open_blocks(tokens: usize, l: &PoolLayout, src_f16: bool) -> Self {
+        RowParams {
+            slot0: l.capacity() as u32,
+            ..RowParams::new(tokens, &l.open_view(), src_f16)
+        }
+    }
 }
+
+/// `SealParams` of `rows.cu`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct SealParams {
+    seals: u32,
+    kv_heads: u32,
+    block_size: u32,
+    head_dim: u32,
+    open_base: u32,
+    pad: [u32; 3],
+}
+// SAFETY: plain old data passed by value as a kernel argument: `repr(C)`, eight u32
+// (no padding, no pointers, every bit pattern valid), field for field rows.cu's
+// `SealParams` (32 bytes).
+unsafe impl DeviceRepr for SealParams {}
 
 impl CudaBackend {
     /// Opens CUDA device `ordinal` on a stream of kvq's own.
@@ -528,9 +575,15 @@ impl CudaBackend {
 
     /// A workspace with at least `meta_words` and `partial_words`: a free one that
     /// fits, else a free one (or a new one) with its short buffers grown.
-    fn lease(&self, meta_words: usize, partial_words: usize) -> Result<Lease<Workspace>> {
-        let fits =
-            |w: &Workspace| w.meta.words() >= meta_words && w.partial.words() >= partial_words;
+    fn lease(
+        &self,
+        [meta_words, partial_words, stage_words]: [usize; 3],
+    ) -> Result<Lease<Workspace>> {
+        let fits = |w: &Workspace| {
+            w.meta.words() >= meta_words
+                && w.partial.words() >= partial_words
+                && w.stage.words() >= stage_words
+        };
         let buffer = |have: Option<&Arc<DeviceBuffer>>, need: usize| {
             let words = |b: &Arc<DeviceBuffer>| b.words() as u64;
             grow(have, words, need as u64, MIN_WORKSPACE_WORDS, |size| {
@@ -541,6 +594,7 @@ impl CudaBackend {
             Ok(Workspace {
                 meta: buffer(old.as_ref().map(|w| &w.meta), meta_words)?,
                 partial: buffer(old.as_ref().map(|w| &w.partial), partial_words)?,
+                stage: buffer(old.as_ref().map(|w| &w.stage), stage_words)?,
             })
         })
     }
@@ -579,6 +633,55 @@ impl CudaBackend {
         }
     }
 
+    /// The keys' append into an Int4Channel pool: the new keys staged as F16
+    /// (rotated with the pool) and the blocks they fill sealed, then the other new
+    /// keys written into their open blocks, after the seals read them.
+    fn append_keys(
+        &self,
+        stream: &CudaStream,
+        st: &CudaStep,
+        (pool, tokens): (&Pool, usize),
+        src: u64,
+        src_f16: bool,
+    ) -> Result<()> {
+        let l = &pool.layout;
+        let meta = Self::ptr(&st.lease.get().meta)?;
+        let (data, side) = pool_ptrs(pool)?;
+        let rows = self.function(&KernelKey::plain(CudaKernel::Rows), "quantize_append")?;
+        let open = st.open;
+        if let Some(seal_grid) = open.seal_grid {
+            // Every new key, F16 (rotated with the pool), at row `token * kv_heads + head`.
+            let stage = Self::ptr(&st.lease.get().stage)?;
+            let staged = RowParams {
+                block_size: 1,
+                capacity: tokens as u32,
+                ..RowParams::new(tokens, &l.open_view(), src_f16)
+            };
+            let slots = meta + open.stage;
+            let mut b = stream.launch_builder(&rows);
+            b.arg(&staged).arg(&src).arg(&slots).arg(&stage).arg(&data);
+            self.launch(stream, b, st.append_grid)?;
+            let f = self.function(&KernelKey::plain(CudaKernel::Rows), "seal")?;
+            let params = SealParams {
+                seals: open.seal_count,
+                kv_heads: l.kv_heads as u32,
+                block_size: l.block_size as u32,
+                head_dim: l.head_dim as u32,
+                open_base: l.open_base() as u32,
+                pad: [0; 3],
+            };
+            let seals = meta + open.seals;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&params).arg(&stage).arg(&seals).arg(&data).arg(&side);
+            self.launch(stream, b, seal_grid)?;
+        }
+        let params = RowParams::open_blocks(tokens, l, src_f16);
+        let (slots, opens) = (meta + open.open_slots, side + 4 * l.open_base() as u64);
+        let mut b = stream.launch_builder(&rows);
+        b.arg(&params).arg(&src).arg(&slots).arg(&opens).arg(&data);
+        self.launch(stream, b, st.append_grid)
+    }
+
     /// The device pointer of `n` elements of `t`, checked.
     fn tensor_ptr(t: &Tensor<'_>, what: &'static str, n: usize) -> Result<u64> {
         t.check(what, n, 4)?;
@@ -606,11 +709,6 @@ fn device_arch(ordinal: usize) -> Result<&'static str> {
 
 /// The per-row and attention kernels hold a head vector in 256 registers or words.
 fn check_layout(l: &PoolLayout) -> Result<()> {
-    if l.dtype.per_channel() {
-        return Err(Error::Unsupported(
-            "int4c keys on CUDA: not yet (the CPU reference and wgpu store them)".into(),
-        ));
-    }
     if l.head_dim > 256 {
         return Err(Error::Unsupported(format!(
             "head_dim {} on CUDA: at most 256",
@@ -724,7 +822,31 @@ impl Backend for CudaBackend {
         let records = step.records(work, 64);
         let partial_words = attention.as_ref().map_or(0, |a| a.2);
         let append_grid = rows_grid(step.slots.len(), step.k.kv_heads)?;
-        let lease = self.lease(records.words.len().max(1), partial_words.max(1))?;
+        let seal_grid = if step.seals.is_empty() {
+            None
+        } else {
+            Some(rows_grid(
+                step.seals.len() * step.k.head_dim / 8,
+                step.k.kv_heads,
+            )?)
+        };
+        // Staged new keys, F16: [tokens, kv_heads, head_dim / 2] words.
+        let stage_words = match seal_grid {
+            Some(_) => step.slots.len() * step.k.kv_heads * step.k.head_dim / 2,
+            None => 0,
+        };
+        let lease = self.lease([
+            records.words.len().max(1),
+            partial_words.max(1),
+            stage_words.max(1),
+        ])?;
+        let open = OpenRecords {
+            open_slots: records.open_slots.0,
+            seals: records.seals.0,
+            stage: records.stage.0,
+            seal_count: step.seals.len() as u32,
+            seal_grid,
+        };
         Ok(Prepared::new(
             step,
             CudaStep {
@@ -736,6 +858,7 @@ impl Backend for CudaBackend {
                 meta: records.words,
                 append_grid,
                 attention: attention.map(|a| a.0),
+                open,
             },
         ))
     }
@@ -760,7 +883,18 @@ impl Backend for CudaBackend {
         self.upload_step(st, stream)?;
         let slots = Self::ptr(&st.lease.get().meta)? + st.slots;
         let f = self.function(&KernelKey::plain(CudaKernel::Rows), "quantize_append")?;
-        for ((pool, src), t) in [pools.0, pools.1].into_iter().zip(srcs).zip([k, v]) {
+        let per_channel = l.dtype.per_channel();
+        if per_channel {
+            self.append_keys(
+                stream,
+                st,
+                (pools.0, step.tokens),
+                srcs[0],
+                k.elem == Elem::F16,
+            )?;
+        }
+        let pairs = [pools.0, pools.1].into_iter().zip(srcs).zip([k, v]);
+        for ((pool, src), t) in pairs.skip(per_channel as usize) {
             let params = RowParams::new(step.tokens, &pool.layout, t.elem == Elem::F16);
             let (data, side) = pool_ptrs(pool)?;
             let mut b = stream.launch_builder(&f);
@@ -768,6 +902,54 @@ impl Backend for CudaBackend {
             self.launch(stream, b, st.append_grid)?;
         }
         Ok(())
+    }
+
+    fn reopen(&self, pool: &Pool, moves: &[[u32; 2]]) -> Result<()> {
+        let l = &pool.layout;
+        pool.check_buffers(["pool data", "pool side"])?;
+        crate::cpu::check_reopen(l, moves)?;
+        check_layout(l)?;
+        if moves.is_empty() {
+            return Ok(());
+        }
+        let n = moves.len();
+        let slots: Vec<u32> = moves
+            .iter()
+            .map(|m| m[0])
+            .chain(moves.iter().map(|m| m[1]))
+            .collect();
+        let slots_buf = self.alloc(slots.len())?;
+        self.upload(&slots_buf, 0, &slots)?;
+        let scratch = self.alloc(n * l.kv_heads * l.head_dim)?;
+        let (data, side) = pool_ptrs(pool)?;
+        let (srcs, scratch_ptr) = (Self::ptr(&slots_buf)?, Self::ptr(&scratch)?);
+        let dsts = srcs + 4 * n as u64;
+        let grid = rows_grid(n, l.kv_heads)?;
+        // The kept keys in the pool's basis, then stored F16 in the open block.
+        let basis = PoolLayout {
+            rotated: false,
+            ..*l
+        };
+        let f = self.function(&KernelKey::plain(CudaKernel::Rows), "dequantize")?;
+        let params = RowParams::new(n, &basis, false);
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&params)
+            .arg(&srcs)
+            .arg(&data)
+            .arg(&side)
+            .arg(&scratch_ptr);
+        self.launch(&self.stream, b, grid)?;
+        let f = self.function(&KernelKey::plain(CudaKernel::Rows), "quantize_append")?;
+        let params = RowParams::open_blocks(n, &basis, false);
+        let opens = side + 4 * l.open_base() as u64;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&params)
+            .arg(&scratch_ptr)
+            .arg(&dsts)
+            .arg(&opens)
+            .arg(&data);
+        self.launch(&self.stream, b, grid)?;
+        self.synchronize()
     }
 
     fn record_attention(
@@ -806,6 +988,9 @@ impl Backend for CudaBackend {
         for first in (0..items).step_by(MAX_GRID as usize) {
             let mut params = a.params;
             params.0[7] += 2 * first;
+            if pools.0.layout.dtype.per_channel() {
+                params.0[10] = pools.0.layout.open_base() as u32;
+            }
             let mut b = stream.launch_builder(&f);
             b.arg(&params)
                 .arg(&shape)

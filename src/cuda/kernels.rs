@@ -102,7 +102,10 @@ impl KernelKey {
             .into_iter()
             .flat_map(|k| [f16, int8, int4].map(|v| (k, v)))
             .collect();
+        let int4c = KvDtype::Int4Channel;
         pairs.extend([
+            (int4c, int4),
+            (int4c, f16),
             (bf16, bf16),
             (e4m3, e4m3),
             (e5m2, e5m2),
