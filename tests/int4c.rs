@@ -255,24 +255,9 @@ fn truncate_into_a_full_block_reopens_it() {
             pair.assert_pools_agree("refilled");
             let p = AttnParams::new(Q_HEADS);
             let q = rng.normals(3 * Q_HEADS * D);
-            let a = pair
-                .cpu
-                .decode(
-                    0,
-                    &pair.seqs.iter().map(|s| s.0).collect::<Vec<_>>(),
-                    &q,
-                    &p,
-                )
-                .unwrap();
-            let b = pair
-                .gpu
-                .decode(
-                    0,
-                    &pair.seqs.iter().map(|s| s.1).collect::<Vec<_>>(),
-                    &q,
-                    &p,
-                )
-                .unwrap();
+            let (sa, sb): (Vec<SeqId>, Vec<SeqId>) = pair.seqs.iter().copied().unzip();
+            let a = pair.cpu.decode(0, &sa, &q, &p).unwrap();
+            let b = pair.gpu.decode(0, &sb, &q, &p).unwrap();
             let e = error_stats(&b, &a, D);
             assert!(e.nmse <= GPU_CPU_NMSE, "refilled decode: {e:?}");
         }

@@ -122,6 +122,30 @@ impl Pool {
         self.side.check_range(names[1], 0, l.side_words())
     }
 
+    /// Checks the arguments of [`Backend::reopen`]: the pool's buffers, an
+    /// Int4Channel pool, each move from a quantized slot to an open one.
+    pub fn check_reopen(&self, moves: &[[u32; 2]]) -> Result<()> {
+        let l = &self.layout;
+        self.check_buffers(["pool data", "pool side"])?;
+        if !l.dtype.per_channel() {
+            return Err(Error::InvalidConfig(format!(
+                "reopen: a {} pool has no open blocks",
+                l.dtype
+            )));
+        }
+        let (cap, opens) = (l.capacity(), l.open_blocks * l.block_size);
+        let bad =
+            |[q, o]: &&[u32; 2]| *q as usize >= cap || !(cap..cap + opens).contains(&(*o as usize));
+        match moves.iter().find(bad) {
+            Some(m) => Err(Error::OutOfRange {
+                what: "reopen slot",
+                value: m[0].max(m[1]) as usize,
+                limit: cap + opens,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Checks the arguments of [`Backend::dequantize`]: the layout and the pool's
     /// buffers, `tokens` slots in `slots`, and room for `[tokens, kv_heads,
     /// head_dim]` f32 in `out`.
@@ -144,6 +168,16 @@ impl Pool {
             })?;
         out.check_range("dequantize out", 0, values)
     }
+}
+
+/// The slots of [`Backend::reopen`]'s moves as its kernels read them: every source
+/// (quantized) slot, then every destination (open) slot.
+pub(crate) fn reopen_slots(moves: &[[u32; 2]]) -> Vec<u32> {
+    moves
+        .iter()
+        .map(|m| m[0])
+        .chain(moves.iter().map(|m| m[1]))
+        .collect()
 }
 
 /// A device that stores quantized KV pools and runs kvq's kernels on them.

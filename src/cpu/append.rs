@@ -8,7 +8,7 @@ use crate::backend::{Pool, Seal};
 use crate::quant::{
     check_finite, dequantize_f16, hadamard, quantize, quantize_f16, quantize_int4c,
 };
-use crate::{Error, Result};
+use crate::Result;
 
 /// Quantizes token `t`, head `h` of `k` and `v` (`[tokens, kv_heads, head_dim]`)
 /// into slot `slots[t]` of each pool (an Int4Channel K pool: into its open blocks
@@ -100,36 +100,12 @@ fn seal_block(
     }
 }
 
-/// Checks [`crate::Backend::reopen`]'s arguments: an Int4Channel pool, each move
-/// from a quantized slot to an open one.
-pub fn check_reopen(l: &crate::cache::PoolLayout, moves: &[[u32; 2]]) -> Result<()> {
-    let (cap, opens) = (l.capacity(), l.open_blocks * l.block_size);
-    if !l.dtype.per_channel() {
-        return Err(Error::InvalidConfig(format!(
-            "reopen: a {} pool has no open blocks",
-            l.dtype
-        )));
-    }
-    match moves
-        .iter()
-        .find(|[q, o]| *q as usize >= cap || !(cap..cap + opens).contains(&(*o as usize)))
-    {
-        Some(m) => Err(Error::OutOfRange {
-            what: "reopen slot",
-            value: m[0].max(m[1]) as usize,
-            limit: cap + opens,
-        }),
-        None => Ok(()),
-    }
-}
-
 /// CPU twin of a truncate's reopen (`shaders/dequantize.wgsl` unrotated, then
 /// `shaders/quantize_append.wgsl` as F16): each (quantized slot, open slot) pair's
 /// keys, dequantized in the pool's basis, stored F16 in the open block.
 pub fn reopen(pool: &Pool, moves: &[[u32; 2]]) -> Result<()> {
     let l = &pool.layout;
-    pool.check_buffers(["pool data", "pool side"])?;
-    check_reopen(l, moves)?;
+    pool.check_reopen(moves)?;
     let cap = l.capacity();
     let d = l.head_dim;
     let mut values = vec![0f32; moves.len() * l.kv_heads * d];

@@ -5,8 +5,6 @@ mod append;
 mod attention;
 mod dequantize;
 
-pub(crate) use append::check_reopen;
-
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -906,18 +906,13 @@ impl Backend for CudaBackend {
 
     fn reopen(&self, pool: &Pool, moves: &[[u32; 2]]) -> Result<()> {
         let l = &pool.layout;
-        pool.check_buffers(["pool data", "pool side"])?;
-        crate::cpu::check_reopen(l, moves)?;
+        pool.check_reopen(moves)?;
         check_layout(l)?;
         if moves.is_empty() {
             return Ok(());
         }
         let n = moves.len();
-        let slots: Vec<u32> = moves
-            .iter()
-            .map(|m| m[0])
-            .chain(moves.iter().map(|m| m[1]))
-            .collect();
+        let slots = crate::backend::reopen_slots(moves);
         let slots_buf = self.alloc(slots.len())?;
         self.upload(&slots_buf, 0, &slots)?;
         let scratch = self.alloc(n * l.kv_heads * l.head_dim)?;

@@ -59,19 +59,14 @@ fn windows_of(b: &WgpuBackend, l: &PoolLayout) -> Result<Windows> {
 /// into their open blocks (quantize_append.wgsl as F16, unrotated). Waits.
 pub fn reopen(b: &WgpuBackend, pool: &Pool, moves: &[[u32; 2]]) -> Result<()> {
     let l = &pool.layout;
-    pool.check_buffers(["pool data", "pool side"])?;
-    crate::cpu::check_reopen(l, moves)?;
+    pool.check_reopen(moves)?;
     if moves.is_empty() {
         return Ok(());
     }
     windows_of(b, l)?;
     let n = moves.len();
     let (d, heads) = (l.head_dim, l.kv_heads);
-    let slots: Vec<u32> = moves
-        .iter()
-        .map(|m| m[0])
-        .chain(moves.iter().map(|m| m[1]))
-        .collect();
+    let slots = crate::backend::reopen_slots(moves);
     let slots_buf = b.alloc(slots.len())?;
     b.upload(&slots_buf, 0, &slots)?;
     let scratch = b.alloc(n * heads * d)?;
