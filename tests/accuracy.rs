@@ -174,7 +174,8 @@ fn rows() -> Vec<Row> {
                 for rotate in [false, true] {
                     let out = run(cpu, &x, k, v, rotate, prefill);
                     // Int4Channel: blocks of 32, as CacheConfig::with_dtypes sets.
-                    let keys = kvq::quant::stored_sequence(k, rotate, &x.k, x.hkv, x.d, 32);
+                    let keys =
+                        kvq::quant::stored_sequence(k, rotate, &x.k, x.hkv, x.d, 32).unwrap();
                     let deq = reference(&x, &keys, &stored(v, rotate, &x.v, x.d), prefill);
                     rows.push(Row {
                         layer: l,

@@ -185,8 +185,9 @@ impl Pair {
             let resolved = p.resolve(HEADS, D).unwrap();
             let mut at = 0;
             for (i, &c) in chunks.iter().enumerate() {
-                let keys = stored_sequence(KvDtype::Int4Channel, rotate, &self.k[i], HEADS, D, BS);
-                let values = stored_sequence(v_dtype, rotate, &self.v[i], HEADS, D, BS);
+                let keys = stored_sequence(KvDtype::Int4Channel, rotate, &self.k[i], HEADS, D, BS)
+                    .unwrap();
+                let values = stored_sequence(v_dtype, rotate, &self.v[i], HEADS, D, BS).unwrap();
                 let span = at..at + c * Q_HEADS * D;
                 let want = attention_f64(&q[span.clone()], &keys, &values, HEADS, D, &resolved);
                 let e = error_stats(&a[span], &want, D);
@@ -280,7 +281,7 @@ fn read_kv_gives_the_format_values() {
             .append(&[(s, 75)], &k, &rng.normals(75 * HEADS * D))
             .unwrap();
         let got = cache.read_kv(0, s, &(0..75).collect::<Vec<_>>()).unwrap().0;
-        let want = stored_sequence(KvDtype::Int4Channel, true, &k, HEADS, D, BS);
+        let want = stored_sequence(KvDtype::Int4Channel, true, &k, HEADS, D, BS).unwrap();
         let e = error_stats(&got, &want, D);
         assert!(e.nmse <= 1e-9, "{}: {e:?}", backend.info().kind);
     }
@@ -350,6 +351,13 @@ fn configurations_int4c_cannot_take_are_refused() {
             + KvDtype::Int8.bytes_per_token_head(D) * HEADS
     );
     assert_eq!("int4c".parse::<KvDtype>().unwrap(), KvDtype::Int4Channel);
+    // The reference of the format refuses shapes it cannot store.
+    let x = vec![0.5; 3 * HEADS * D];
+    let i4c = KvDtype::Int4Channel;
+    assert!(stored_sequence(i4c, false, &x, HEADS, D, 0).is_err());
+    assert!(stored_sequence(i4c, false, &x, 0, D, BS).is_err());
+    assert!(stored_sequence(i4c, false, &x[1..], HEADS, D, BS).is_err());
+    assert!(stored_sequence(i4c, true, &x, HEADS * 2, D / 2 + 8, BS).is_err());
     assert_eq!(KvDtype::Int4Channel.to_string(), "int4c");
 }
 

@@ -4,11 +4,11 @@
 use half::f16;
 
 use super::{CpuStep, PoolView, write};
+use crate::Result;
 use crate::backend::{Pool, Seal};
 use crate::quant::{
     check_finite, dequantize_f16, hadamard, quantize, quantize_f16, quantize_int4c,
 };
-use crate::Result;
 
 /// Quantizes token `t`, head `h` of `k` and `v` (`[tokens, kv_heads, head_dim]`)
 /// into slot `slots[t]` of each pool (an Int4Channel K pool: into its open blocks

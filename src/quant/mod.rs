@@ -103,7 +103,8 @@ pub fn stored(dtype: KvDtype, rotated: bool, x: &[f32]) -> Vec<f32> {
 /// What attention sees of a sequence's keys or values `x` (`[tokens, kv_heads,
 /// head_dim]`, positions 0..tokens) stored as `dtype` in blocks of `block_size`:
 /// [`stored`] per vector, except that Int4Channel quantizes each full block per
-/// channel (from its F16 values) and keeps the open block's tokens F16.
+/// channel (from its F16 values) and keeps the open block's tokens F16. A shape
+/// the dtype cannot store, or `x` not whole tokens, is an error.
 pub fn stored_sequence(
     dtype: KvDtype,
     rotated: bool,
@@ -111,13 +112,26 @@ pub fn stored_sequence(
     kv_heads: usize,
     head_dim: usize,
     block_size: usize,
-) -> Vec<f32> {
+) -> Result<Vec<f32>> {
     let d = head_dim;
+    dtype.check(d)?;
+    if rotated && !d.is_power_of_two() {
+        return Err(Error::InvalidConfig(format!(
+            "rotation needs a power-of-two head_dim, got {d}"
+        )));
+    }
+    if kv_heads == 0 || block_size == 0 || x.len() % (kv_heads * d) != 0 {
+        return Err(Error::ShapeMismatch {
+            what: "x ([tokens, kv_heads, head_dim], kv_heads and block_size positive)",
+            expected: x.len().next_multiple_of((kv_heads * d).max(1)),
+            got: x.len(),
+        });
+    }
     if !dtype.per_channel() {
-        return x
+        return Ok(x
             .chunks_exact(d)
             .flat_map(|v| stored(dtype, rotated, v))
-            .collect();
+            .collect());
     }
     let tokens = x.len() / (kv_heads * d);
     // Each vector as the open block holds it: F16 of the (rotated) vector.
@@ -154,5 +168,5 @@ pub fn stored_sequence(
     if rotated {
         held.chunks_exact_mut(d).for_each(hadamard);
     }
-    held
+    Ok(held)
 }
