@@ -461,3 +461,23 @@ fn open_block_bookkeeping_under_random_use() {
     }
     assert!(outcomes[0] > 1000 && outcomes[1] > 100, "{outcomes:?}");
 }
+
+/// wgpu binds an Int4Channel pool whole: one past a storage binding is refused
+/// with a clear error (other pools are bound in windows), and nothing changes.
+#[test]
+fn wgpu_refuses_int4c_pools_past_one_binding() {
+    let Some(gpu) = common::gpu() else { return };
+    let small = WgpuBackend::open_named(&gpu.info().name)
+        .unwrap()
+        .with_pool_binding_limit(32 << 10);
+    let mut cache = KvCache::new(Arc::new(small), config(KvDtype::Int8, false)).unwrap();
+    let s = cache.add_sequence();
+    let before = cache.blocks().clone();
+    let x = vec![0.5; 40 * HEADS * D];
+    let err = cache.append(&[(s, 40)], &x, &x).unwrap_err();
+    assert!(
+        matches!(&err, Error::Unsupported(m) if m.contains("int4c")),
+        "{err}"
+    );
+    assert_eq!(cache.blocks(), &before);
+}
