@@ -4,7 +4,7 @@ use crate::dtype::INT4C_BLOCK;
 use crate::{Error, KvDtype, Result};
 
 /// Default [`CacheConfig::open_blocks`].
-pub const OPEN_BLOCKS: usize = 256;
+pub const OPEN_BLOCKS: usize = 64;
 
 /// Shape and formats of a paged KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
