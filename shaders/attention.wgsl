@@ -17,6 +17,10 @@
 // KT lanes, workgroup memory otherwise), then every lane of the slot runs the same
 // online softmax and adds its dims of V. Slots keep their own running max and sum
 // and are merged once, at the end. src/wgpu/attention.rs chooses DL, KT and KB.
+//
+// Int4 per channel K (K_DTYPE 3): a lane keeps the (scale, min) of its dims for the
+// block of the keys it reads, reloaded when the block changes, and dequantizes each
+// code before the dot; keys of a sequence's open block are F16 in k_side.
 
 override K_DTYPE: u32 = 1u; // packing: 0 16-bit pairs, 1 bytes + scale, 2 Int4, 3 Int4 per channel (common.wgsl)
 override V_DTYPE: u32 = 1u;

@@ -17,6 +17,11 @@
 // inlined, and calls past the head size fold away). Loops that index no register
 // array stay loops: the unrolled code already outgrows the instruction cache, and
 // unrolling the 8 keys of p . V as well measured slower (and compiled longer).
+//
+// Int4 per channel K (K_DTYPE 3): a step's 8 keys lie in one block, whose
+// per-channel (scale, min) the lanes load once per block and share by broadcasts;
+// each lane dequantizes its key with them. A step in a sequence's open block reads
+// its F16 keys from k_side instead.
 
 override K_DTYPE: u32 = 1u; // packing: 0 16-bit pairs, 1 bytes + scale, 2 Int4, 3 Int4 per channel (common.wgsl)
 override V_DTYPE: u32 = 1u;

@@ -29,9 +29,9 @@ pub(crate) struct WgpuStep {
     attention: Option<Partition>,
     /// How the pools are bound: append and attention run once per window.
     windows: Windows,
-    /// Int4Channel keys: the grids of staging the new keys and of sealing the
-    /// blocks the append fills (`None` when it fills none).
-    seal_grids: Option<[[u32; 3]; 2]>,
+    /// Int4Channel keys: the grid of sealing the blocks the append fills (`None`
+    /// when it fills none: then no key is staged either).
+    seal_grid: Option<[u32; 3]>,
 }
 
 /// Uniform blocks in the workspace: the reduce pass's, then attention's and
@@ -79,7 +79,7 @@ pub fn prepare(b: &WgpuBackend, step: &Step<'_>) -> Result<Prepared> {
             b.pool_binding
         )));
     }
-    let seal_grids = if step.seals.is_empty() {
+    let seal_grid = if step.seals.is_empty() {
         None
     } else {
         let octets = step.seals.len() * step.k.kv_heads * step.k.head_dim / 8;
@@ -88,7 +88,7 @@ pub fn prepare(b: &WgpuBackend, step: &Step<'_>) -> Result<Prepared> {
             value: octets,
             limit: u32::MAX as usize,
         })?;
-        Some([append_grid, b.rows_grid(octets, ROW_WG)?])
+        Some(b.rows_grid(octets, ROW_WG)?)
     };
 
     // The records, each region at the device's storage offset alignment.
@@ -101,7 +101,7 @@ pub fn prepare(b: &WgpuBackend, step: &Step<'_>) -> Result<Prepared> {
         .as_ref()
         .map_or(0, |a| (a.partial_words * count) as u64 * 4);
     // Staged new keys: F16, [tokens, kv_heads, head_dim / 2] words.
-    let stage = match seal_grids {
+    let stage = match seal_grid {
         Some(_) => (step.slots.len() * step.k.kv_heads * step.k.head_dim * 2) as u64,
         None => 0,
     };
@@ -201,7 +201,7 @@ pub fn prepare(b: &WgpuBackend, step: &Step<'_>) -> Result<Prepared> {
             append_grid,
             attention,
             windows,
-            seal_grids,
+            seal_grid,
         },
     ))
 }
@@ -262,7 +262,7 @@ fn record_append_keys(
     let f16 =
         PipelineKey::rows(Kernel::QuantizeAppend, &l.open_view()).with("SRC_F16", src_f16 as u32);
     let uniform = |which| Range::new(&ws.uniform, open_uniform(which), 32);
-    if let Some([stage_grid, seal_grid]) = st.seal_grids {
+    if let Some(seal_grid) = st.seal_grid {
         let stage = Range::whole(&ws.stage);
         let ranges = [
             uniform(OpenUniform::Stage),
@@ -271,7 +271,7 @@ fn record_append_keys(
             stage.clone(),
             Range::whole(data),
         ];
-        b.record(enc, &f16, &ranges, stage_grid);
+        b.record(enc, &f16, &ranges, st.append_grid);
         let ranges = [
             uniform(OpenUniform::Seal),
             stage,
