@@ -1,8 +1,6 @@
 //! CPU twin of `shaders/quantize_append.wgsl` and, for Int4Channel keys, of
 //! `shaders/seal.wgsl`.
 
-use half::f16;
-
 use super::{CpuStep, PoolView, write};
 use crate::Result;
 use crate::backend::{Pool, Seal};
@@ -121,11 +119,7 @@ pub fn reopen(pool: &Pool, moves: &[[u32; 2]]) -> Result<()> {
     for (m, vals) in moves.iter().zip(values.chunks_exact(l.kv_heads * d)) {
         for (h, v) in vals.chunks_exact(d).enumerate() {
             let row = l.row(m[1] as usize - cap, h);
-            let dst = &mut side[l.open_base() + row * d / 2..][..d / 2];
-            for (w, pair) in dst.iter_mut().zip(v.chunks_exact(2)) {
-                *w = f16::from_f32(pair[0]).to_bits() as u32
-                    | (f16::from_f32(pair[1]).to_bits() as u32) << 16;
-            }
+            quantize_f16(v, &mut side[l.open_base() + row * d / 2..][..d / 2]);
         }
     }
     Ok(())

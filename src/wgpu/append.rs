@@ -80,12 +80,10 @@ pub fn reopen(b: &WgpuBackend, pool: &Pool, moves: &[[u32; 2]]) -> Result<()> {
     let open = basis.open_view();
     let capacity = l.capacity() as u32;
     b.submit(|enc| {
-        let mut p = params(n, &basis, &Window::whole(l.num_blocks), 0);
-        p[6] = l.open_base() as u32;
         b.dispatch(
             enc,
             &PipelineKey::rows(Kernel::Dequantize, &basis),
-            &p,
+            &params(n, &basis, &Window::whole(l.num_blocks), 0),
             &[
                 Range::whole(slots_raw),
                 Range::whole(data),
