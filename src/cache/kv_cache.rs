@@ -167,9 +167,14 @@ impl KvCache {
     /// keys are dequantized back into the sequence's open block (F16), so the block
     /// is quantized again when it refills. All or nothing.
     pub fn truncate(&mut self, id: SeqId, len: usize) -> Result<()> {
-        let before = self.blocks.clone();
+        // Only open blocks give a truncate device work that can fail after it.
+        let before = self
+            .config
+            .k_dtype
+            .per_channel()
+            .then(|| self.blocks.clone());
         let moves = self.blocks.truncate(id, len)?;
-        if !moves.is_empty() {
+        if let Some(before) = before.filter(|_| !moves.is_empty()) {
             let reopened = self
                 .layers
                 .iter()
