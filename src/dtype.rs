@@ -76,7 +76,7 @@ impl KvDtype {
     /// u32 words of side data (scales, mins) per (token, head); for
     /// [`Int4Channel`](Self::Int4Channel) the per-channel words of a block of
     /// [`INT4C_BLOCK`] tokens shared out over its tokens (a pool's exact size, its
-    /// F16 open blocks included, is [`PoolLayout`](crate::PoolLayout)'s).
+    /// F16 open blocks included, is [`PoolLayout`](crate::cache::PoolLayout)'s).
     pub fn side_words_per_head(&self, head_dim: usize) -> usize {
         match *self {
             KvDtype::F16 | KvDtype::Bf16 => 0,

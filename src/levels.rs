@@ -17,6 +17,37 @@ use std::str::FromStr;
 
 use crate::{Error, KvDtype, Result};
 
+/// `Display` and `FromStr` of a level by its `name()`: parsing takes any of
+/// `ALL`'s names (any case, surrounding space ignored), else an
+/// [`Error::InvalidConfig`] listing them.
+macro_rules! named_levels {
+    ($ty:ty, $what:literal, $names:literal) => {
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+
+        impl FromStr for $ty {
+            type Err = Error;
+
+            /// Parses one of the level's names (any case).
+            fn from_str(s: &str) -> Result<Self> {
+                let t = s.trim();
+                Self::ALL
+                    .into_iter()
+                    .find(|l| t.eq_ignore_ascii_case(l.name()))
+                    .ok_or_else(|| {
+                        Error::InvalidConfig(format!(
+                            concat!("unknown ", $what, " {:?}: expected ", $names),
+                            s
+                        ))
+                    })
+            }
+        }
+    };
+}
+
 /// A KV-cache level, in order of compactness: `Fp16 < Q8 < Fp8 < Q4`.
 ///
 /// Q8 and FP8 take the same memory; FP8 counts as the more compact step, as the
@@ -132,28 +163,7 @@ impl TryFrom<KvDtype> for CacheLevel {
     }
 }
 
-impl fmt::Display for CacheLevel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for CacheLevel {
-    type Err = Error;
-
-    /// Parses `fp16`, `q8`, `fp8` or `q4` (any case).
-    fn from_str(s: &str) -> Result<Self> {
-        let t = s.trim();
-        Self::ALL
-            .into_iter()
-            .find(|l| t.eq_ignore_ascii_case(l.name()))
-            .ok_or_else(|| {
-                Error::InvalidConfig(format!(
-                    "unknown cache level {s:?}: expected fp16, q8, fp8 or q4"
-                ))
-            })
-    }
-}
+named_levels!(CacheLevel, "cache level", "fp16, q8, fp8 or q4");
 
 /// A weight-style precision level: `none` (unquantized FP32), `float16`,
 /// `bfloat16`, `int8`, `int4`.
@@ -264,7 +274,7 @@ impl TryFrom<KvDtype> for WeightLevel {
     type Error = Error;
 
     /// F16 is float16, BF16 bfloat16, Int8 int8 and Int4 (any group) int4; the
-    /// FP8s have no weight level.
+    /// FP8s and Int4Channel (keys per channel) have no weight level.
     fn try_from(d: KvDtype) -> Result<Self> {
         match d {
             KvDtype::F16 => Ok(WeightLevel::Float16),
@@ -280,28 +290,11 @@ impl TryFrom<KvDtype> for WeightLevel {
     }
 }
 
-impl fmt::Display for WeightLevel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for WeightLevel {
-    type Err = Error;
-
-    /// Parses `none`, `float16`, `bfloat16`, `int8` or `int4` (any case).
-    fn from_str(s: &str) -> Result<Self> {
-        let t = s.trim();
-        Self::ALL
-            .into_iter()
-            .find(|l| t.eq_ignore_ascii_case(l.name()))
-            .ok_or_else(|| {
-                Error::InvalidConfig(format!(
-                    "unknown weight level {s:?}: expected none, float16, bfloat16, int8 or int4"
-                ))
-            })
-    }
-}
+named_levels!(
+    WeightLevel,
+    "weight level",
+    "none, float16, bfloat16, int8 or int4"
+);
 
 /// Serialize as the `Display` name, deserialize through `FromStr`.
 #[cfg(feature = "serde")]
