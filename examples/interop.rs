@@ -103,11 +103,15 @@ fn noise(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 
 impl App {
     fn new() -> Result<App> {
-        let instance = kvq::wgpu::instance();
-        let adapter = pollster::block_on(wgpu::util::initialize_adapter_from_env_or_default(
-            instance, None,
-        ))
-        .map_err(|e| kvq::Error::NoBackend(format!("no wgpu adapter: {e}")))?;
+        // kvq's adapter list, not a second enumeration: on GL two enumerations of
+        // one instance share an EGL context under two locks (see kvq::wgpu::adapters).
+        let want = std::env::var("WGPU_ADAPTER_NAME")
+            .unwrap_or_default()
+            .to_lowercase();
+        let adapter = pollster::block_on(kvq::wgpu::adapters())
+            .into_iter()
+            .find(|a| a.get_info().name.to_lowercase().contains(&want))
+            .ok_or_else(|| kvq::Error::NoBackend(format!("no wgpu adapter named like {want:?}")))?;
         let features =
             adapter.features() & (wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {

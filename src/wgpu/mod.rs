@@ -7,6 +7,7 @@
 mod append;
 pub mod attention;
 mod bindings;
+mod gate;
 mod health;
 pub mod pipelines;
 mod probe;
@@ -17,11 +18,12 @@ mod windows;
 mod workspace;
 
 pub(crate) use probe::probe;
-pub use probe::{check_limits, describe, instance};
+pub use probe::{adapters, check_limits, describe, instance};
 
 use std::sync::{Mutex, MutexGuard};
 
 use self::bindings::{BindGroups, Created, Range};
+use self::gate::{Gate, Gated};
 use self::health::Health;
 use self::pipelines::{PipelineKey, Pipelines};
 use self::timing::Timer;
@@ -37,10 +39,13 @@ const ROW_WG: u32 = 64;
 /// kvq on one wgpu device.
 #[derive(Debug)]
 pub struct WgpuBackend {
-    device: wgpu::Device,
-    queue: wgpu::Queue,
+    device: Gated<wgpu::Device>,
+    queue: Gated<wgpu::Queue>,
+    /// Serialises kvq's work on GL devices (see `gate.rs`); every field holding
+    /// device objects drops inside it.
+    gate: Gate,
     info: BackendInfo,
-    pipelines: Pipelines,
+    pipelines: Gated<Pipelines>,
     /// Attention uses `attention_lanes.wgsl` (see [`attention::suits_lanes`]).
     lanes: bool,
     /// The adapter's smallest subgroup, when the device has subgroups and
@@ -51,11 +56,11 @@ pub struct WgpuBackend {
     /// Largest binding of a pool: pools past it are bound in windows.
     pool_binding: u64,
     /// Timestamps around every pass, while timing is on.
-    timer: Mutex<Option<Timer>>,
+    timer: Gated<Mutex<Option<Timer>>>,
     /// Bind groups of recorded dispatches.
-    bind_groups: BindGroups,
+    bind_groups: Gated<BindGroups>,
     /// Workspaces of prepared steps.
-    workspaces: Workspaces,
+    workspaces: Gated<Workspaces>,
     /// Device objects created.
     created: Created,
     /// Loss and errors the device reported.
@@ -68,6 +73,7 @@ impl WgpuBackend {
         probe::check(adapter).map_err(Error::Unsupported)?;
         let features =
             adapter.features() & (wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::SUBGROUP);
+        let _entered = Gate::of(adapter.get_info().backend).enter();
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("kvq"),
@@ -99,7 +105,7 @@ impl WgpuBackend {
 
     /// Opens the first adapter whose name contains `name` (e.g. "llvmpipe").
     pub async fn open_named_async(name: &str) -> Result<Self> {
-        let adapters = instance().enumerate_adapters(wgpu::Backends::all()).await;
+        let adapters = adapters().await;
         let lower = name.to_lowercase();
         let adapter = adapters
             .iter()
@@ -128,25 +134,34 @@ impl WgpuBackend {
             return Ok(Vec::new());
         }
         let src = Self::raw(buf)?;
-        self.created.count();
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("kvq readback"),
-            size: len as u64 * 4,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let index = self.submit(|enc| {
-            enc.copy_buffer_to_buffer(src, offset as u64 * 4, &staging, 0, len as u64 * 4);
-            Ok(())
-        })?;
-        let (tx, rx) = futures::channel::oneshot::channel();
-        staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        self.wait(Some(index))?;
+        // The gate is held only between awaits, so the future stays `Send`.
+        let (staging, rx) = {
+            let _entered = self.gate.enter();
+            self.created.count();
+            let staging = Gated::new(
+                self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("kvq readback"),
+                    size: len as u64 * 4,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                }),
+                self.gate,
+            );
+            let index = self.submit(|enc| {
+                enc.copy_buffer_to_buffer(src, offset as u64 * 4, &staging, 0, len as u64 * 4);
+                Ok(())
+            })?;
+            let (tx, rx) = futures::channel::oneshot::channel();
+            staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r);
+            });
+            self.wait(Some(index))?;
+            (staging, rx)
+        };
         rx.await
             .map_err(|_| Error::Device("readback cancelled".into()))?
             .map_err(|e| Error::Device(format!("map_async: {e}")))?;
+        let _entered = self.gate.enter();
         let view = staging
             .slice(..)
             .get_mapped_range()
@@ -161,10 +176,13 @@ impl WgpuBackend {
     /// native targets, as [`Self::download_async`]).
     pub async fn synchronize_async(&self) -> Result<()> {
         let (tx, rx) = futures::channel::oneshot::channel();
-        self.queue.on_submitted_work_done(move || {
-            let _ = tx.send(());
-        });
-        self.wait(None)?;
+        {
+            let _entered = self.gate.enter();
+            self.queue.on_submitted_work_done(move || {
+                let _ = tx.send(());
+            });
+            self.wait(None)?;
+        }
         rx.await
             .map_err(|_| Error::Device("device lost while waiting".into()))
     }
@@ -178,18 +196,20 @@ impl WgpuBackend {
             .contains(wgpu::Features::SUBGROUP)
             .then_some(adapter.subgroup_min_size)
             .filter(|&s| s > 0);
+        let gate = Gate::of(adapter.backend);
         WgpuBackend {
-            device,
-            queue,
+            device: Gated::new(device, gate),
+            queue: Gated::new(queue, gate),
+            gate,
             info,
-            pipelines: Pipelines::default(),
+            pipelines: Gated::new(Pipelines::default(), gate),
             lanes,
             subgroup_size,
             lane_floats: LANE_FLOATS,
             pool_binding,
-            timer: Mutex::new(None),
-            bind_groups: BindGroups::default(),
-            workspaces: Workspaces::default(),
+            timer: Gated::new(Mutex::new(None), gate),
+            bind_groups: Gated::new(BindGroups::default(), gate),
+            workspaces: Gated::new(Workspaces::default(), gate),
             created: Created::default(),
             health: Health::default(),
         }
@@ -247,7 +267,7 @@ impl WgpuBackend {
 
     /// The wgpu buffer behind a [`DeviceBuffer`] of this backend.
     pub fn raw(buf: &DeviceBuffer) -> Result<&wgpu::Buffer> {
-        buf.downcast::<wgpu::Buffer>(NAME)
+        buf.downcast::<Gated<wgpu::Buffer>>(NAME).map(|b| &**b)
     }
 
     /// An application's buffer as a [`DeviceBuffer`], for the device path's
@@ -255,7 +275,10 @@ impl WgpuBackend {
     /// come from this backend's device and have `BufferUsages::STORAGE`, which
     /// recording checks.
     pub fn buffer(buffer: &wgpu::Buffer) -> DeviceBuffer {
-        DeviceBuffer::new((buffer.size() / 4) as usize, buffer.clone())
+        DeviceBuffer::new(
+            (buffer.size() / 4) as usize,
+            Gated::new(buffer.clone(), Gate::ANY),
+        )
     }
 
     /// Runs `encode` on a fresh encoder, submits it, and turns validation and
@@ -385,6 +408,7 @@ impl WgpuBackend {
     /// explained by the loss if the device was lost meanwhile. Polls first, so that
     /// wgpu reports a loss (a lost device is otherwise silent until waited on).
     fn guarded<T>(&self, call: impl FnOnce() -> Result<T>) -> Result<T> {
+        let _entered = self.gate.enter();
         let _ = self.device.poll(wgpu::PollType::Poll);
         self.recorded(call)
     }
@@ -392,6 +416,7 @@ impl WgpuBackend {
     /// [`Self::guarded`] without the poll: for the per-layer records of the device
     /// path, whose encoder the application submits and waits on.
     fn recorded<T>(&self, call: impl FnOnce() -> Result<T>) -> Result<T> {
+        let _entered = self.gate.enter();
         self.health.check()?;
         call()
             .and_then(|v| self.health.check().map(|()| v))
@@ -403,13 +428,28 @@ impl WgpuBackend {
     }
 
     fn wait(&self, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
-        self.device
-            .poll(wgpu::PollType::Wait {
-                submission_index: index,
-                timeout: None,
-            })
-            .map(|_| ())
-            .map_err(|e| Error::Device(format!("poll: {e}")))
+        wait(&self.device, index)
+    }
+}
+
+/// Longest one poll of [`wait`] holds the device.
+const WAIT_SLICE: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Waits for submission `index` (every submission if `None`) in slices of
+/// [`WAIT_SLICE`]: wgpu's GL backend holds its adapter's one context lock through a
+/// wait, and a thread that cannot take that lock within 6 s panics, so one long
+/// wait would bring down every other thread using the adapter.
+fn wait(device: &wgpu::Device, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
+    loop {
+        let poll = device.poll(wgpu::PollType::Wait {
+            submission_index: index.clone(),
+            timeout: Some(WAIT_SLICE),
+        });
+        match poll {
+            Ok(_) => return Ok(()),
+            Err(wgpu::PollError::Timeout) => std::thread::yield_now(),
+            Err(e) => return Err(Error::Device(format!("poll: {e}"))),
+        }
     }
 }
 
@@ -435,7 +475,7 @@ impl Backend for WgpuBackend {
             if let Some(e) = pollster::block_on(oom.pop()) {
                 return Err(Error::OutOfMemory(format!("{bytes} bytes: {e}")));
             }
-            Ok(DeviceBuffer::new(words, buffer))
+            Ok(DeviceBuffer::new(words, Gated::new(buffer, self.gate)))
         })
     }
 
@@ -546,6 +586,7 @@ impl Backend for WgpuBackend {
     }
 
     fn set_timing(&self, on: bool) -> bool {
+        let _entered = self.gate.enter();
         let mut timer = self.timer();
         *timer = on
             .then(|| Timer::new(&self.device, &self.queue, &self.created))

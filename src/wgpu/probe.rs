@@ -2,6 +2,8 @@
 
 use std::sync::OnceLock;
 
+use futures::lock::Mutex;
+
 use crate::backend::{BackendInfo, BackendKind, Candidate, DeviceLimits, DeviceType, Opener};
 
 /// Storage buffers one attention kernel binds.
@@ -21,10 +23,28 @@ pub fn instance() -> &'static wgpu::Instance {
     })
 }
 
+/// Every adapter of [`instance`], enumerated once per process; open devices from
+/// these (an application sharing kvq's instance too).
+///
+/// wgpu's GL backend hands every adapter it enumerates the instance's one EGL
+/// context, each with a lock of its own, and makes that context current while it
+/// enumerates. Devices of two enumerations used on two threads, or an enumeration
+/// while a device is busy, make one context current on two threads: EGL_BAD_ACCESS,
+/// a panic inside wgpu-hal. One list keeps one lock per context. (Adapters added
+/// after the first call are not seen.)
+pub async fn adapters() -> Vec<wgpu::Adapter> {
+    static ADAPTERS: Mutex<Option<Vec<wgpu::Adapter>>> = Mutex::new(None);
+    let mut list = ADAPTERS.lock().await;
+    if list.is_none() {
+        *list = Some(instance().enumerate_adapters(wgpu::Backends::all()).await);
+    }
+    list.clone().unwrap_or_default()
+}
+
 /// Every adapter, described and checked against kvq's needs.
 pub async fn probe() -> Vec<Candidate> {
-    let adapters = instance().enumerate_adapters(wgpu::Backends::all()).await;
-    adapters
+    adapters()
+        .await
         .into_iter()
         .map(|adapter| {
             let info = describe(&adapter.get_info(), &adapter.limits(), adapter.features());

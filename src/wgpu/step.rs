@@ -6,6 +6,7 @@
 use super::append::{check_rotation, params, rows};
 use super::attention::{Partition, partition};
 use super::bindings::Range;
+use super::gate::Gated;
 use super::pipelines::PipelineKey;
 use super::shaders::Kernel;
 use super::windows::{Window, Windows};
@@ -195,14 +196,17 @@ pub fn prepare(b: &WgpuBackend, step: &Step<'_>) -> Result<Prepared> {
         .write_buffer(&ws.uniform, 0, bytemuck::cast_slice(&uniform));
     Ok(Prepared::new(
         step,
-        WgpuStep {
-            lease,
-            meta,
-            append_grid,
-            attention,
-            windows,
-            seal_grid,
-        },
+        Gated::new(
+            WgpuStep {
+                lease,
+                meta,
+                append_grid,
+                attention,
+                windows,
+                seal_grid,
+            },
+            b.gate,
+        ),
     ))
 }
 
@@ -215,7 +219,7 @@ pub fn record_append(
     v: &Tensor<'_>,
 ) -> Result<()> {
     let enc = wgpu_encoder(enc)?;
-    let st = prepared.inner::<WgpuStep>(NAME)?;
+    let st = prepared.inner::<Gated<WgpuStep>>(NAME)?;
     prepared.check_pools(pools)?;
     let l = &pools.0.layout;
     let n = prepared.tokens * l.kv_heads * l.head_dim;
@@ -302,7 +306,7 @@ pub fn record_attention(
     out: &Tensor<'_>,
 ) -> Result<()> {
     let enc = wgpu_encoder(enc)?;
-    let st = prepared.inner::<WgpuStep>(NAME)?;
+    let st = prepared.inner::<Gated<WgpuStep>>(NAME)?;
     prepared.check_pools(pools)?;
     let n = prepared.queries * prepared.q_heads * pools.0.layout.head_dim;
     // q is read in one pass and out written in the next, so they may be one tensor.

@@ -111,12 +111,7 @@ impl Timer {
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        device
-            .poll(wgpu::PollType::Wait {
-                submission_index: None,
-                timeout: None,
-            })
-            .map_err(|e| Error::Device(format!("poll: {e}")))?;
+        super::wait(device, None)?;
         pollster::block_on(rx)
             .map_err(|_| Error::Device("timestamp readback cancelled".into()))?
             .map_err(|e| Error::Device(format!("timestamp readback: {e}")))?;
