@@ -60,12 +60,17 @@ fn name(b: &Arc<dyn Backend>) -> String {
 fn with_timeout(what: &str, f: impl FnOnce() + Send + 'static) {
     let (tx, rx) = mpsc::channel();
     let start = Instant::now();
-    thread::spawn(move || {
+    let handle = thread::spawn(move || {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
         let _ = tx.send(r);
     });
     match rx.recv_timeout(DEADLOCK) {
-        Ok(Ok(())) => eprintln!("{what}: {:.2} s", start.elapsed().as_secs_f64()),
+        Ok(Ok(())) => {
+            // Joined, so that its drops end before the process exits: a thread
+            // still freeing GL objects while Mesa's exit handlers run corrupts the heap.
+            let _ = handle.join();
+            eprintln!("{what}: {:.2} s", start.elapsed().as_secs_f64())
+        }
         Ok(Err(panic)) => std::panic::resume_unwind(panic),
         Err(_) => panic!("{what}: not finished after {DEADLOCK:?}: deadlock"),
     }
