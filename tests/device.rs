@@ -382,6 +382,8 @@ fn wgpu_records_into_the_apps_encoder_and_checks_its_buffers() {
     let Some(gpu) = common::gpu() else { return };
     let w = kvq::wgpu::WgpuBackend::open_named(&gpu.info().name).unwrap();
     let (device, queue) = (w.device().clone(), w.queue().clone());
+    // The app's own device work, while other tests use GL devices (see `hold`).
+    let _gl = w.hold();
     let b: Arc<dyn Backend> = Arc::new(w);
     let mut cache = KvCache::new(b.clone(), config()).unwrap();
     let seqs: Vec<SeqId> = (0..2).map(|_| cache.add_sequence()).collect();

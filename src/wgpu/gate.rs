@@ -46,7 +46,8 @@ impl Gate {
     }
 }
 
-/// An entry into the gate; leaves it when dropped.
+/// An entry into kvq's GL lock ([`WgpuBackend::hold`](super::WgpuBackend::hold));
+/// leaves it when dropped.
 #[must_use]
 pub struct Entered(Option<Option<MutexGuard<'static, ()>>>);
 

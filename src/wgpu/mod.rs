@@ -17,6 +17,7 @@ mod timing;
 mod windows;
 mod workspace;
 
+pub use gate::Entered;
 pub(crate) use probe::probe;
 pub use probe::{adapters, check_limits, describe, instance};
 
@@ -253,6 +254,16 @@ impl WgpuBackend {
     /// Whether attention uses `attention_lanes.wgsl` where the pools fit it.
     pub fn uses_lanes(&self) -> bool {
         self.lanes
+    }
+
+    /// Holds kvq's lock on a GL device (nothing elsewhere) until dropped. An app
+    /// that uses kvq's GL device from several threads, or beside kvq on other
+    /// threads, should hold it around its own device work (creating buffers,
+    /// submitting, waiting): wgpu's GL backend panics in a thread that waits over
+    /// 6 s for its context, which a kernel's first dispatch can hold longer
+    /// (`src/wgpu/gate.rs`). kvq's own calls inside it are fine.
+    pub fn hold(&self) -> Entered {
+        self.gate.enter()
     }
 
     /// The device.
