@@ -4,16 +4,14 @@
 use std::sync::Arc;
 
 use kvq::cpu::CpuBackend;
-use kvq::{AttnParams, CacheConfig, KvCache, KvDtype, Result, SeqId};
+use kvq::{KvDtype, Result};
 
-use crate::model::{Forward, Matrix, Model};
+use crate::model::{Forward, Matrix, Model, Sequence};
 
 /// The model on the CPU, one sequence in a kvq cache.
 pub struct CpuForward<'m> {
     model: &'m Model,
-    cache: KvCache,
-    seq: SeqId,
-    params: AttnParams,
+    s: Sequence,
 }
 
 impl<'m> CpuForward<'m> {
@@ -24,29 +22,8 @@ impl<'m> CpuForward<'m> {
         rotate: bool,
         capacity: usize,
     ) -> Result<Self> {
-        Self::on(Arc::new(CpuBackend::new()), model, kv, rotate, capacity)
-    }
-
-    /// The same with attention on `backend`, through kvq's host API.
-    pub fn on(
-        backend: Arc<dyn kvq::Backend>,
-        model: &'m Model,
-        kv: (KvDtype, KvDtype),
-        rotate: bool,
-        capacity: usize,
-    ) -> Result<Self> {
-        let c = &model.config;
-        let cfg = CacheConfig::new(c.layers, c.kv_heads, c.head_dim, capacity)
-            .with_dtypes(kv.0, kv.1)
-            .with_rotation(rotate);
-        let mut cache = KvCache::new(backend, cfg)?;
-        let seq = cache.add_sequence();
-        Ok(CpuForward {
-            model,
-            cache,
-            seq,
-            params: AttnParams::new(c.q_heads),
-        })
+        let s = Sequence::new(model, Arc::new(CpuBackend::new()), kv, rotate, capacity)?;
+        Ok(CpuForward { model, s })
     }
 }
 
@@ -106,7 +83,7 @@ impl Forward for CpuForward<'_> {
         let c = &m.config;
         let w = &m.weights;
         let n = tokens.len();
-        let start = self.cache.seq_len(self.seq)?;
+        let start = self.s.cache.seq_len(self.s.seq)?;
         let mut x: Vec<f32> = Vec::with_capacity(n * c.hidden);
         for &t in tokens {
             let t = t as usize;
@@ -122,8 +99,8 @@ impl Forward for CpuForward<'_> {
             );
         }
         let table = m.rope_table(start..start + n);
-        let chunk = [(self.seq, n)];
-        let r = self.cache.extend(&chunk)?;
+        let chunk = [(self.s.seq, n)];
+        let r = self.s.cache.extend(&chunk)?;
         for (l, lw) in w.layers.iter().enumerate() {
             let h = rms_norm(&x, &lw.attn_norm, c.norm_eps);
             let mut q = matmul(&lw.wq, &h);
@@ -131,8 +108,8 @@ impl Forward for CpuForward<'_> {
             let v = matmul(&lw.wv, &h);
             rope(&mut q, c.q_heads, c.head_dim, &table);
             rope(&mut k, c.kv_heads, c.head_dim, &table);
-            self.cache.write(l, &r, &k, &v)?;
-            let att = self.cache.prefill(l, &chunk, &q, &self.params)?;
+            self.s.cache.write(l, &r, &k, &v)?;
+            let att = self.s.cache.prefill(l, &chunk, &q, &self.s.params)?;
             for (x, o) in x.iter_mut().zip(matmul(&lw.wo, &att)) {
                 *x += o;
             }
@@ -147,13 +124,11 @@ impl Forward for CpuForward<'_> {
         Ok(matmul(w.output(), &h))
     }
 
-    fn cache(&self) -> (&KvCache, SeqId) {
-        (&self.cache, self.seq)
+    fn sequence(&self) -> &Sequence {
+        &self.s
     }
 
-    fn reset(&mut self) -> Result<()> {
-        self.cache.free_sequence(self.seq)?;
-        self.seq = self.cache.add_sequence();
-        Ok(())
+    fn sequence_mut(&mut self) -> &mut Sequence {
+        &mut self.s
     }
 }

@@ -6,10 +6,10 @@
 use std::sync::Arc;
 
 use kvq::wgpu::WgpuBackend;
-use kvq::{AttnParams, Backend, CacheConfig, Encoder, KvCache, KvDtype, Result, SeqId, Tensor};
+use kvq::{Backend, Encoder, KvDtype, Result, Tensor};
 use wgpu::util::DeviceExt;
 
-use crate::model::{Forward, Matrix, Model};
+use crate::model::{Forward, Matrix, Model, Sequence};
 
 /// Most tokens one forward call takes (prefill runs in chunks of it).
 pub const MAX_ROWS: usize = 256;
@@ -317,9 +317,7 @@ fn groups(n: usize) -> [u32; 2] {
 pub struct GpuForward<'g> {
     model: &'g Model,
     gpu: &'g Gpu,
-    cache: KvCache,
-    seq: SeqId,
-    params: AttnParams,
+    s: Sequence,
 }
 
 impl<'g> GpuForward<'g> {
@@ -331,20 +329,8 @@ impl<'g> GpuForward<'g> {
         rotate: bool,
         capacity: usize,
     ) -> Result<Self> {
-        let c = &model.config;
-        let cfg = CacheConfig::new(c.layers, c.kv_heads, c.head_dim, capacity)
-            .with_dtypes(kv.0, kv.1)
-            .with_rotation(rotate);
-        let backend: Arc<dyn Backend> = gpu.kvq.clone();
-        let mut cache = KvCache::new(backend, cfg)?;
-        let seq = cache.add_sequence();
-        Ok(GpuForward {
-            model,
-            gpu,
-            cache,
-            seq,
-            params: AttnParams::new(c.q_heads),
-        })
+        let s = Sequence::new(model, gpu.kvq.clone(), kv, rotate, capacity)?;
+        Ok(GpuForward { model, gpu, s })
     }
 }
 
@@ -363,11 +349,15 @@ impl Forward for GpuForward<'_> {
                 "token {t} is past the vocabulary"
             )));
         }
-        let start = self.cache.seq_len(self.seq)?;
+        // On GL, kvq's lock around the app's device work too (WgpuBackend::hold).
+        let _gl = g.kvq.hold();
+        let start = self.s.cache.seq_len(self.s.seq)?;
         let plan = if n == 1 {
-            self.cache.plan_decode(&[self.seq], &self.params)?
+            self.s.cache.plan_decode(&[self.s.seq], &self.s.params)?
         } else {
-            self.cache.plan_prefill(&[(self.seq, n)], &self.params)?
+            self.s
+                .cache
+                .plan_prefill(&[(self.s.seq, n)], &self.s.params)?
         };
         let l = logit_rows;
         let q = &g.queue;
@@ -407,9 +397,9 @@ impl Forward for GpuForward<'_> {
                 ],
             );
             let mut e = Encoder::Wgpu(&mut enc);
-            self.cache
+            self.s.cache
                 .record_append(&mut e, &plan, layer, &Tensor::f32(&kb), &Tensor::f32(&vb))?;
-            self.cache.record_attention(
+            self.s.cache.record_attention(
                 &mut e,
                 &plan,
                 layer,
@@ -443,13 +433,11 @@ impl Forward for GpuForward<'_> {
         Ok(bytemuck::cast_slice(&words).to_vec())
     }
 
-    fn cache(&self) -> (&KvCache, SeqId) {
-        (&self.cache, self.seq)
+    fn sequence(&self) -> &Sequence {
+        &self.s
     }
 
-    fn reset(&mut self) -> Result<()> {
-        self.cache.free_sequence(self.seq)?;
-        self.seq = self.cache.add_sequence();
-        Ok(())
+    fn sequence_mut(&mut self) -> &mut Sequence {
+        &mut self.s
     }
 }

@@ -108,8 +108,7 @@ fn choices(kv: &str, rotate: &str) -> Result<Vec<perplexity::Choice>, String> {
     };
     let mut out = Vec::new();
     for spec in kv.split(',') {
-        let pair = KvDtype::parse_pair(spec.trim())
-            .map_err(|e| format!("--kv {spec:?}: {e} (dtypes: {})", KvDtype::NAMES))?;
+        let pair = KvDtype::parse_pair(spec.trim()).map_err(|e| format!("--kv {spec:?}: {e}"))?;
         for &rotate in rotations {
             out.push(perplexity::Choice { kv: pair, rotate });
         }
@@ -132,8 +131,8 @@ fn run(args: &Args) -> Result<(), String> {
         ));
     }
     let loaded = Instant::now();
-    let (model, g) =
-        Model::load(&args.model).map_err(|e| format!("{}: {e}", args.model.display()))?;
+    // The reader's errors name the file.
+    let (model, g) = Model::load(&args.model).map_err(|e| e.to_string())?;
     let tok = Tokenizer::from_gguf(&g).map_err(|e| format!("{}: {e}", args.model.display()))?;
     drop(g);
     let c = &model.config;

@@ -194,23 +194,60 @@ impl Model {
     }
 }
 
-/// A forward pass over one sequence whose K/V lives in a kvq cache.
+/// One sequence in a kvq cache of the model's shape: what a forward pass runs.
+pub struct Sequence {
+    pub cache: kvq::KvCache,
+    pub seq: kvq::SeqId,
+    pub params: kvq::AttnParams,
+}
+
+impl Sequence {
+    /// A cache of `capacity` tokens of `(k, v)` dtypes on `backend`, one sequence.
+    pub fn new(
+        model: &Model,
+        backend: std::sync::Arc<dyn kvq::Backend>,
+        kv: (kvq::KvDtype, kvq::KvDtype),
+        rotate: bool,
+        capacity: usize,
+    ) -> kvq::Result<Self> {
+        let c = &model.config;
+        let cfg = kvq::CacheConfig::new(c.layers, c.kv_heads, c.head_dim, capacity)
+            .with_dtypes(kv.0, kv.1)
+            .with_rotation(rotate);
+        let mut cache = kvq::KvCache::new(backend, cfg)?;
+        let seq = cache.add_sequence();
+        Ok(Sequence {
+            cache,
+            seq,
+            params: kvq::AttnParams::new(c.q_heads),
+        })
+    }
+}
+
+/// A forward pass over one [`Sequence`].
 pub trait Forward {
     /// Runs `tokens` at the sequence's next positions (one chunk of a prefill, or
     /// one decode token) and returns the logits of its last `logit_rows` tokens,
     /// `[logit_rows, vocab]`.
     fn forward(&mut self, tokens: &[u32], logit_rows: usize) -> kvq::Result<Vec<f32>>;
-    /// The cache and the sequence's id in it.
-    fn cache(&self) -> (&kvq::KvCache, kvq::SeqId);
+    /// The sequence.
+    fn sequence(&self) -> &Sequence;
+    /// The sequence, to change.
+    fn sequence_mut(&mut self) -> &mut Sequence;
     /// Replaces the sequence with a new, empty one.
-    fn reset(&mut self) -> kvq::Result<()>;
+    fn reset(&mut self) -> kvq::Result<()> {
+        let s = self.sequence_mut();
+        s.cache.free_sequence(s.seq)?;
+        s.seq = s.cache.add_sequence();
+        Ok(())
+    }
     /// Tokens the sequence holds.
     fn len(&self) -> usize {
-        let (cache, seq) = self.cache();
-        cache.seq_len(seq).unwrap_or(0)
+        let s = self.sequence();
+        s.cache.seq_len(s.seq).unwrap_or(0)
     }
     /// Bytes of K and V the cache stores per token, all layers.
     fn kv_bytes_per_token(&self) -> usize {
-        self.cache().0.config().bytes_per_token()
+        self.sequence().cache.config().bytes_per_token()
     }
 }

@@ -78,21 +78,21 @@ pub struct Report {
     pub rows: Vec<Row>,
 }
 
-/// log-softmax of each row of `logits` (`[rows, vocab]`), in f64.
-fn log_softmax(logits: &[f32], vocab: usize) -> Vec<Vec<f64>> {
-    logits
-        .chunks_exact(vocab)
-        .map(|row| {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = row
-                .iter()
-                .map(|&l| (l as f64 - max).exp())
-                .sum::<f64>()
-                .ln()
-                + max;
-            row.iter().map(|&l| l as f64 - lse).collect()
-        })
-        .collect()
+/// log-softmax of one row of logits, in f64.
+pub fn log_softmax(row: &[f32]) -> Vec<f64> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = row
+        .iter()
+        .map(|&l| (l as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
+    row.iter().map(|&l| l as f64 - lse).collect()
+}
+
+/// [`log_softmax`] of each row of `logits` (`[rows, vocab]`).
+fn log_softmax_rows(logits: &[f32], vocab: usize) -> Vec<Vec<f64>> {
+    logits.chunks_exact(vocab).map(log_softmax).collect()
 }
 
 /// The logits of positions `first..ctx-1` of `chunk`, from an empty cache.
@@ -159,7 +159,7 @@ pub fn run(
         base_sums.time += started.elapsed();
         base_sums.tokens += ctx;
         base_sums.kv_bytes_per_token = base.kv_bytes_per_token();
-        let base_lp = log_softmax(&logits, vocab);
+        let base_lp = log_softmax_rows(&logits, vocab);
         for (lp, &t) in base_lp.iter().zip(targets) {
             let nll = -lp[t as usize];
             base_sums.scored += 1;
@@ -173,7 +173,7 @@ pub fn run(
             sums.time += started.elapsed();
             sums.tokens += ctx;
             sums.kv_bytes_per_token = fwd.kv_bytes_per_token();
-            for ((lp, bp), &t) in log_softmax(&logits, vocab)
+            for ((lp, bp), &t) in log_softmax_rows(&logits, vocab)
                 .iter()
                 .zip(&base_lp)
                 .zip(targets)

@@ -3,11 +3,14 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+use clap::Parser;
+
 use kvq::KvDtype;
 
 use crate::cpu::CpuForward;
 use crate::gpu::{Gpu, GpuForward};
 use crate::model::{Forward, Model};
+use crate::perplexity::log_softmax;
 use crate::sample::argmax;
 use crate::tokenizer::Tokenizer;
 
@@ -98,14 +101,14 @@ fn run<'a>(
         Some(g) => {
             let mut f = GpuForward::new(m, g, kv, rotate, cap).unwrap();
             let logits = drive(&mut f);
-            let (cache, seq) = f.cache();
-            (logits, cache.read_kv(0, seq, &positions).unwrap())
+            let s = f.sequence();
+            (logits, s.cache.read_kv(0, s.seq, &positions).unwrap())
         }
         None => {
             let mut f = CpuForward::new(m, kv, rotate, cap).unwrap();
             let logits = drive(&mut f);
-            let (cache, seq) = f.cache();
-            (logits, cache.read_kv(0, seq, &positions).unwrap())
+            let s = f.sequence();
+            (logits, s.cache.read_kv(0, s.seq, &positions).unwrap())
         }
     };
     Run { logits, layer0 }
@@ -128,18 +131,6 @@ fn top1_agreement(a: &[Vec<f32>], b: &[Vec<f32>]) -> f64 {
         .filter(|(x, y)| argmax(x) == argmax(y))
         .count();
     same as f64 / a.len() as f64
-}
-
-/// log-softmax of one row of logits, in f64.
-fn log_softmax(row: &[f32]) -> Vec<f64> {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = row
-        .iter()
-        .map(|&l| (l as f64 - max).exp())
-        .sum::<f64>()
-        .ln()
-        + max;
-    row.iter().map(|&l| l as f64 - lse).collect()
 }
 
 /// Mean KL divergence of `q`'s next-token distributions from `p`'s.
@@ -217,4 +208,46 @@ fn gpu_forward_matches_cpu_twin() {
         );
         assert!(top1 >= 0.9, "{kv:?}: top-1 agrees in {top1}");
     }
+}
+
+/// `run`'s error for a command line, which must be one.
+fn error_of(args: &[&str]) -> String {
+    let args = crate::Args::try_parse_from(["generate"].iter().chain(args)).unwrap();
+    crate::run(&args).expect_err("bad input must be an error")
+}
+
+#[test]
+fn bad_input_is_one_clear_error() {
+    let missing = error_of(&["--model", "/no/such/model.gguf"]);
+    assert!(missing.contains("/no/such/model.gguf"), "{missing}");
+    let not_gguf = error_of(&["--model", concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")]);
+    assert!(not_gguf.contains("GGUF"), "{not_gguf}");
+    assert!(error_of(&["--kv", "int3"]).contains("--kv \"int3\""));
+    assert!(error_of(&["--rotate", "maybe"]).contains("--rotate"));
+    assert!(error_of(&["--top-p", "0"]).contains("--top-p"));
+    let Some(_) = model() else { return };
+    let dir = std::env::temp_dir().join(format!("kvq-generate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = std::env::var_os("KVQ_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(crate::DEFAULT_MODEL));
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = dir.join("truncated.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let truncated = error_of(&["--model", cut.to_str().unwrap()]);
+    assert!(truncated.contains("truncated"), "{truncated}");
+    let model = path.to_str().unwrap();
+    let long = error_of(&["--model", model, "--tokens", "9000", "--cpu"]);
+    assert!(long.contains("context"), "{long}");
+    let ctx = error_of(&[
+        "--model",
+        model,
+        "--perplexity",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"),
+        "--ctx",
+        "2",
+        "--cpu",
+    ]);
+    assert!(ctx.contains("--ctx"), "{ctx}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
