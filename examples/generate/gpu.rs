@@ -397,8 +397,13 @@ impl Forward for GpuForward<'_> {
                 ],
             );
             let mut e = Encoder::Wgpu(&mut enc);
-            self.s.cache
-                .record_append(&mut e, &plan, layer, &Tensor::f32(&kb), &Tensor::f32(&vb))?;
+            self.s.cache.record_append(
+                &mut e,
+                &plan,
+                layer,
+                &Tensor::f32(&kb),
+                &Tensor::f32(&vb),
+            )?;
             self.s.cache.record_attention(
                 &mut e,
                 &plan,
