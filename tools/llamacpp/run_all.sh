@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs all llama-perplexity measurements sequentially. Logs in /work/llama/runs/.
+# Runs all llama-perplexity measurements sequentially (from the repo root); logs in $OUT.
 set -u
 B=${LLAMA_PERPLEXITY:-/work/llama/build/bin/llama-perplexity}
 M=${MODEL:-target/model/SmolLM2-135M-Instruct.Q4_1.gguf}
