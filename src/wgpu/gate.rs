@@ -37,25 +37,32 @@ impl Gate {
     /// Holds the gate (for GL devices) until the returned value drops.
     pub fn enter(self) -> Entered {
         if !self.0 {
-            return Entered(None);
+            return Entered { _entry: None };
         }
         let outer = HELD.get() == 0;
         let guard = outer.then(|| GL.lock().unwrap_or_else(|e| e.into_inner()));
         HELD.set(HELD.get() + 1);
-        Entered(Some(guard))
+        Entered {
+            _entry: Some(Entry { _guard: guard }),
+        }
     }
 }
 
 /// An entry into kvq's GL lock ([`WgpuBackend::hold`](super::WgpuBackend::hold));
-/// leaves it when dropped.
+/// leaves it when dropped. `None` off GL.
 #[must_use]
-pub struct Entered(Option<Option<MutexGuard<'static, ()>>>);
+pub struct Entered {
+    _entry: Option<Entry>,
+}
 
-impl Drop for Entered {
+/// One counted entry of this thread; the outermost holds the lock.
+struct Entry {
+    _guard: Option<MutexGuard<'static, ()>>,
+}
+
+impl Drop for Entry {
     fn drop(&mut self) {
-        if self.0.is_some() {
-            HELD.set(HELD.get() - 1);
-        }
+        HELD.set(HELD.get() - 1);
     }
 }
 
