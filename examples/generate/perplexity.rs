@@ -185,8 +185,7 @@ pub fn run(
                 sums.nll2 += nll * nll;
                 sums.kl += kl;
                 sums.kl2 += kl * kl;
-                let top = |v: &[f64]| argmax(&v.iter().map(|&x| x as f32).collect::<Vec<_>>());
-                sums.same_top += (top(lp) == top(bp)) as usize;
+                sums.same_top += (argmax(lp) == argmax(bp)) as usize;
             }
         }
         let ppl = (base_sums.nll / base_sums.scored as f64).exp();

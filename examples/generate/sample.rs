@@ -60,11 +60,11 @@ impl Sampler {
     }
 }
 
-/// The index of the largest logit (the first of ties).
-pub fn argmax(logits: &[f32]) -> u32 {
+/// The index of the largest value (the first of ties).
+pub fn argmax<T: PartialOrd>(values: &[T]) -> u32 {
     let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
             best = i;
         }
     }

@@ -14,17 +14,20 @@ use crate::perplexity::log_softmax;
 use crate::sample::argmax;
 use crate::tokenizer::Tokenizer;
 
-/// The model file: `KVQ_MODEL`, else the README's place for it. With `CI=true` a
-/// missing model fails the test.
+/// Where the model is: `KVQ_MODEL`, else the README's place for it.
+fn model_path() -> PathBuf {
+    std::env::var_os("KVQ_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(crate::DEFAULT_MODEL))
+}
+
+/// The model at [`model_path`], loaded once. With `CI=true` a missing model fails
+/// the test.
 pub fn model() -> Option<&'static (Model, Tokenizer)> {
     static MODEL: OnceLock<Option<(Model, Tokenizer)>> = OnceLock::new();
     MODEL
         .get_or_init(|| {
-            let path = std::env::var_os("KVQ_MODEL")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(crate::DEFAULT_MODEL)
-                });
+            let path = model_path();
             if !path.exists() {
                 let msg = format!("no model at {} (see the README)", path.display());
                 if std::env::var("CI").is_ok_and(|v| v == "true") {
@@ -228,9 +231,7 @@ fn bad_input_is_one_clear_error() {
     let Some(_) = model() else { return };
     let dir = std::env::temp_dir().join(format!("kvq-generate-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = std::env::var_os("KVQ_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(crate::DEFAULT_MODEL));
+    let path = model_path();
     let bytes = std::fs::read(&path).unwrap();
     let cut = dir.join("truncated.gguf");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
