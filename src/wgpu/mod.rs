@@ -292,6 +292,18 @@ impl WgpuBackend {
         )
     }
 
+    /// The device path's end of timing: while timing is on
+    /// ([`Backend::set_timing`]), resolves the timestamps of kvq's passes recorded
+    /// into the application's encoders since the last take at the end of
+    /// `encoder`, so that [`Backend::take_device_time`] reads them once it is
+    /// submitted. Does nothing while timing is off.
+    pub fn resolve_timing(&self, encoder: &mut wgpu::CommandEncoder) {
+        let _entered = self.gate.enter();
+        if let Some(timer) = self.timer().as_ref() {
+            timer.resolve(encoder);
+        }
+    }
+
     /// Runs `encode` on a fresh encoder, submits it, and turns validation and
     /// out-of-memory errors raised meanwhile into `kvq::Error`.
     pub(crate) fn submit(

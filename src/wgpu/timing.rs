@@ -9,7 +9,7 @@ use super::bindings::Created;
 use crate::{Error, Result};
 
 /// Timestamps one timer holds between takes: two per pass.
-const QUERIES: u32 = 256;
+const QUERIES: u32 = 2048;
 
 /// Timestamp queries of one device and the buffers that read them back.
 #[derive(Debug)]
