@@ -10,6 +10,7 @@ use kvq::{Backend, Encoder, KvDtype, Result, Tensor};
 use wgpu::util::DeviceExt;
 
 use crate::model::{Forward, Matrix, Model, Sequence};
+use crate::profile::Profile;
 
 /// Most tokens one forward call takes (prefill runs in chunks of it).
 pub const MAX_ROWS: usize = 256;
@@ -20,13 +21,26 @@ const ROPE: &str = include_str!("shaders/rope.wgsl");
 const SWIGLU: &str = include_str!("shaders/swiglu.wgsl");
 const EMBED: &str = include_str!("shaders/embed.wgsl");
 
-/// Rows of the matmul kernel's workgroup (its `ROWS`).
+/// Rows of an invocation of the matmul kernel (its `ROWS`) when a step has more
+/// than one; a decode step's kernel takes one.
 const MATMUL_ROWS: usize = 8;
 
-/// A kernel and the bind group of one use of it.
+/// A kernel and the bind group of one use of it: the pipeline for a one-row
+/// step and for a longer one (the same but for the matmul).
 struct Call {
-    pipeline: wgpu::ComputePipeline,
+    /// The kernel, for profiles.
+    name: &'static str,
+    one: wgpu::ComputePipeline,
+    many: wgpu::ComputePipeline,
     group: wgpu::BindGroup,
+}
+
+impl Call {
+    /// The pipeline and bind group for a step of `rows` rows.
+    fn at(&self, rows: usize) -> (&wgpu::ComputePipeline, &wgpu::BindGroup) {
+        let p = if rows == 1 { &self.one } else { &self.many };
+        (p, &self.group)
+    }
 }
 
 /// The bind groups of one layer's kernels.
@@ -89,8 +103,20 @@ fn upload(device: &wgpu::Device, label: &str, bytes: &[u8]) -> wgpu::Buffer {
     })
 }
 
+/// `m` as stored, `[rows][cols]` f16 (the embedding table's layout).
 fn matrix(device: &wgpu::Device, m: &Matrix) -> wgpu::Buffer {
     let bits: Vec<u16> = m.data.iter().map(|h| h.to_bits()).collect();
+    upload(device, "weights", bytemuck::cast_slice(&bits))
+}
+
+/// `m` transposed, `[cols][rows]` f16: the matmul kernel's layout.
+fn transposed(device: &wgpu::Device, m: &Matrix) -> wgpu::Buffer {
+    let mut bits = vec![0u16; m.data.len()];
+    for (o, row) in m.data.chunks_exact(m.cols).enumerate() {
+        for (k, h) in row.iter().enumerate() {
+            bits[k * m.rows + o] = h.to_bits();
+        }
+    }
     upload(device, "weights", bytemuck::cast_slice(&bits))
 }
 
@@ -126,6 +152,15 @@ impl Gpu {
         let c = &model.config;
         let w = &model.weights;
         let (qw, kw) = c.qk_widths();
+        // The matmul reads x four columns at a time and writes y two at a time.
+        if [c.hidden, qw, c.ffn].iter().any(|n| n % 4 != 0)
+            || [kw, c.vocab].iter().any(|n| n % 2 != 0)
+        {
+            return Err(kvq::Error::InvalidConfig(format!(
+                "the GPU forward pass needs hidden, q and FFN widths that are multiples of 4 and even K/V widths and vocabulary, not {}, {qw}, {}, {kw} and {}",
+                c.hidden, c.ffn, c.vocab
+            )));
+        }
         let d = &device;
         let rows_buffer = |label| {
             d.create_buffer(&wgpu::BufferDescriptor {
@@ -163,10 +198,39 @@ impl Gpu {
             module("swiglu", SWIGLU),
             module("embed", EMBED),
         );
-        let pipeline = |m: &wgpu::ShaderModule, constants: &[(&str, f64)]| {
+        // The matmul's two pipelines share one bind group, so its layout is
+        // explicit (an automatic layout belongs to one pipeline).
+        let entry = |binding, ty| wgpu::BindGroupLayoutEntry {
+            binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty,
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        };
+        let storage_ty = |read_only| wgpu::BufferBindingType::Storage { read_only };
+        let matmul_group = d.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("matmul"),
+            entries: &[
+                entry(0, wgpu::BufferBindingType::Uniform),
+                entry(1, storage_ty(true)),
+                entry(2, storage_ty(true)),
+                entry(3, storage_ty(false)),
+            ],
+        });
+        let matmul_layout = d.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("matmul"),
+            bind_group_layouts: &[Some(&matmul_group)],
+            immediate_size: 0,
+        });
+        let compile = |m: &wgpu::ShaderModule,
+                       layout: Option<&wgpu::PipelineLayout>,
+                       constants: &[(&str, f64)]| {
             d.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: None,
-                layout: None,
+                layout,
                 module: m,
                 entry_point: Some("main"),
                 compilation_options: wgpu::PipelineCompilationOptions {
@@ -176,17 +240,27 @@ impl Gpu {
                 cache: None,
             })
         };
-        let matmul = |inputs: usize, outputs: usize, acc: bool| {
-            pipeline(
-                &matmul_m,
-                &[
-                    ("IN", inputs as f64),
-                    ("OUT", outputs as f64),
-                    ("ACCUMULATE", acc as u8 as f64),
-                ],
-            )
+        let pipeline = |name, m: &wgpu::ShaderModule, constants: &[(&str, f64)]| {
+            let p = compile(m, None, constants);
+            (name, p.clone(), p)
         };
-        let call = |pipeline: &wgpu::ComputePipeline, buffers: &[&wgpu::Buffer]| {
+        let matmul = |name, inputs: usize, outputs: usize, acc: bool| {
+            let rows = |r: usize| {
+                compile(
+                    &matmul_m,
+                    Some(&matmul_layout),
+                    &[
+                        ("IN", inputs as f64),
+                        ("OUT", outputs as f64),
+                        ("ACCUMULATE", acc as u8 as f64),
+                        ("ROWS", r as f64),
+                    ],
+                )
+            };
+            (name, rows(1), rows(MATMUL_ROWS))
+        };
+        type Pipelines = (&'static str, wgpu::ComputePipeline, wgpu::ComputePipeline);
+        let call = |(name, one, many): &Pipelines, buffers: &[&wgpu::Buffer]| {
             let entries: Vec<_> = buffers
                 .iter()
                 .enumerate()
@@ -196,19 +270,23 @@ impl Gpu {
                 })
                 .collect();
             Call {
-                pipeline: pipeline.clone(),
+                name,
+                one: one.clone(),
+                many: many.clone(),
                 group: d.create_bind_group(&wgpu::BindGroupDescriptor {
                     label: None,
-                    layout: &pipeline.get_bind_group_layout(0),
+                    layout: &one.get_bind_group_layout(0),
                     entries: &entries,
                 }),
             }
         };
         let norm_p = pipeline(
+            "rmsnorm",
             &norm_m,
             &[("N", c.hidden as f64), ("EPS", c.norm_eps as f64)],
         );
         let rope_p = pipeline(
+            "rope",
             &rope_m,
             &[
                 ("Q_HEADS", c.q_heads as f64),
@@ -216,16 +294,16 @@ impl Gpu {
                 ("D", c.head_dim as f64),
             ],
         );
-        let swiglu_p = pipeline(&swiglu_m, &[("N", c.ffn as f64)]);
-        let embed_p = pipeline(&embed_m, &[("N", c.hidden as f64)]);
+        let swiglu_p = pipeline("swiglu", &swiglu_m, &[("N", c.ffn as f64)]);
+        let embed_p = pipeline("embed", &embed_m, &[("N", c.hidden as f64)]);
         let (q_p, kv_p, o_p) = (
-            matmul(c.hidden, qw, false),
-            matmul(c.hidden, kw, false),
-            matmul(qw, c.hidden, true),
+            matmul("matmul qkvo", c.hidden, qw, false),
+            matmul("matmul qkvo", c.hidden, kw, false),
+            matmul("matmul qkvo", qw, c.hidden, true),
         );
         let (ffn_p, down_p) = (
-            matmul(c.hidden, c.ffn, false),
-            matmul(c.ffn, c.hidden, true),
+            matmul("matmul ffn", c.hidden, c.ffn, false),
+            matmul("matmul ffn", c.ffn, c.hidden, true),
         );
 
         let mut weights = Vec::new();
@@ -243,7 +321,7 @@ impl Gpu {
                 let ffn_norm = keep(upload(d, "norm", bytemuck::cast_slice(&lw.ffn_norm)));
                 let [wq, wk, wv, wo, wg, wu, wd] =
                     [&lw.wq, &lw.wk, &lw.wv, &lw.wo, &lw.gate, &lw.up, &lw.down]
-                        .map(|m| keep(matrix(d, m)));
+                        .map(|m| keep(transposed(d, m)));
                 LayerCalls {
                     attn_norm: call(&norm_p, &[&all_rows, &attn_norm, &x, &h]),
                     q: call(&q_p, &[&all_rows, &wq, &h, &q]),
@@ -261,12 +339,9 @@ impl Gpu {
             .collect();
         let out_norm_w = keep(upload(d, "norm", bytemuck::cast_slice(&w.out_norm)));
         let out_norm = call(&norm_p, &[&tail_rows, &out_norm_w, &x, &h]);
-        let output_w = match &w.output {
-            Some(m) => keep(matrix(d, m)),
-            None => embed_w.clone(),
-        };
+        let output_w = keep(transposed(d, w.output()));
         // The logits read the normed tail rows from h's start.
-        let output_p = matmul(c.hidden, c.vocab, false);
+        let output_p = matmul("matmul logits", c.hidden, c.vocab, false);
         let output = call(&output_p, &[&head_rows, &output_w, &h, &logits]);
         Ok(Gpu {
             kvq,
@@ -299,13 +374,38 @@ impl Gpu {
     }
 }
 
-fn pass(enc: &mut wgpu::CommandEncoder, calls: &[(&Call, [u32; 2])]) {
-    let mut pass = enc.begin_compute_pass(&Default::default());
-    for (call, [x, y]) in calls {
-        pass.set_pipeline(&call.pipeline);
-        pass.set_bind_group(0, &call.group, &[]);
-        pass.dispatch_workgroups(*x, *y, 1);
+/// `calls`, each a kernel for a step of `rows` rows and its grid: one compute
+/// pass, or while profiling one timed pass per call.
+fn pass(
+    enc: &mut wgpu::CommandEncoder,
+    profile: &mut Option<Profile>,
+    rows: usize,
+    calls: &[(&Call, [u32; 2])],
+) -> Result<()> {
+    let dispatch = |pass: &mut wgpu::ComputePass<'_>, call: &Call, [x, y]: [u32; 2]| {
+        let (pipeline, group) = call.at(rows);
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, group, &[]);
+        pass.dispatch_workgroups(x, y, 1);
+    };
+    match profile {
+        None => {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            for &(call, grid) in calls {
+                dispatch(&mut pass, call, grid);
+            }
+        }
+        Some(p) => {
+            for &(call, grid) in calls {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some(call.name),
+                    timestamp_writes: Some(p.writes(call.name)?),
+                });
+                dispatch(&mut pass, call, grid);
+            }
+        }
     }
+    Ok(())
 }
 
 /// Workgroups of 64 invocations for `n` of them.
@@ -318,6 +418,7 @@ pub struct GpuForward<'g> {
     model: &'g Model,
     gpu: &'g Gpu,
     s: Sequence,
+    profile: Option<Profile>,
 }
 
 impl<'g> GpuForward<'g> {
@@ -330,7 +431,25 @@ impl<'g> GpuForward<'g> {
         capacity: usize,
     ) -> Result<Self> {
         let s = Sequence::new(model, gpu.kvq.clone(), kv, rotate, capacity)?;
-        Ok(GpuForward { model, gpu, s })
+        Ok(GpuForward {
+            model,
+            gpu,
+            s,
+            profile: None,
+        })
+    }
+
+    /// Times every step's kernels from now on (see [`Profile`]).
+    pub fn profile(&mut self) -> std::result::Result<(), String> {
+        self.profile = Some(Profile::new(&self.gpu.kvq)?);
+        Ok(())
+    }
+
+    /// The device time of the steps since [`Self::profile`], and resets it.
+    pub fn take_profile(&mut self) -> Option<Profile> {
+        let p = self.profile.take()?;
+        self.profile = Profile::new(&self.gpu.kvq).ok();
+        Some(p)
     }
 }
 
@@ -373,21 +492,24 @@ impl Forward for GpuForward<'_> {
         q.write_buffer(&g.rope_table, 0, bytemuck::cast_slice(&table));
 
         let (qw, kw) = c.qk_widths();
+        // An invocation per output pair and (for more than one row) per
+        // MATMUL_ROWS rows.
         let mm = |outputs: usize, rows: usize| {
-            [
-                outputs.div_ceil(64) as u32,
-                rows.div_ceil(MATMUL_ROWS) as u32,
-            ]
+            let per = if rows == 1 { 1 } else { MATMUL_ROWS };
+            [(outputs / 2).div_ceil(64) as u32, rows.div_ceil(per) as u32]
         };
         let rows = [n as u32, 1];
         let rope = groups(n * (c.q_heads + c.kv_heads) * c.head_dim / 2);
         let mut enc = g.device.create_command_encoder(&Default::default());
-        pass(&mut enc, &[(&g.embed, groups(n * c.hidden / 2))]);
+        let prof = &mut self.profile;
+        pass(&mut enc, prof, n, &[(&g.embed, groups(n * c.hidden / 2))])?;
         let t = WgpuBackend::buffer;
         let (qb, kb, vb, ab) = (t(&g.q), t(&g.k), t(&g.v), t(&g.att));
         for (layer, lc) in g.layers.iter().enumerate() {
             pass(
                 &mut enc,
+                prof,
+                n,
                 &[
                     (&lc.attn_norm, rows),
                     (&lc.q, mm(qw, n)),
@@ -395,7 +517,7 @@ impl Forward for GpuForward<'_> {
                     (&lc.v, mm(kw, n)),
                     (&lc.rope, rope),
                 ],
-            );
+            )?;
             let mut e = Encoder::Wgpu(&mut enc);
             self.s.cache.record_append(
                 &mut e,
@@ -413,6 +535,8 @@ impl Forward for GpuForward<'_> {
             )?;
             pass(
                 &mut enc,
+                prof,
+                n,
                 &[
                     (&lc.o, mm(c.hidden, n)),
                     (&lc.ffn_norm, rows),
@@ -421,15 +545,23 @@ impl Forward for GpuForward<'_> {
                     (&lc.swiglu, groups(n * c.ffn)),
                     (&lc.down, mm(c.hidden, n)),
                 ],
-            );
+            )?;
         }
         if l > 0 {
             pass(
                 &mut enc,
+                prof,
+                l,
                 &[(&g.out_norm, [l as u32, 1]), (&g.output, mm(c.vocab, l))],
-            );
+            )?;
+        }
+        if let Some(p) = prof {
+            p.resolve(&g.kvq, &mut enc);
         }
         g.queue.submit([enc.finish()]);
+        if let Some(p) = prof {
+            p.take(&g.kvq)?;
+        }
         if l == 0 {
             g.kvq.synchronize()?;
             return Ok(Vec::new());

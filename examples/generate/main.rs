@@ -12,7 +12,9 @@ mod gguf;
 mod gpu;
 mod model;
 mod perplexity;
+mod profile;
 mod sample;
+mod speed;
 mod tokenizer;
 
 use std::io::Write;
@@ -74,6 +76,13 @@ struct Args {
     /// Perplexity: print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Measure decode tokens/s at these contexts (a comma list) instead of
+    /// generating, the cache filled with random K/V.
+    #[arg(long, value_delimiter = ',')]
+    speed: Vec<usize>,
+    /// --speed: print where each measurement's device time goes, per kernel.
+    #[arg(long)]
+    profile: bool,
 }
 
 fn main() -> ExitCode {
@@ -163,6 +172,14 @@ fn run(args: &Args) -> Result<(), String> {
         } else {
             print!("{}", report.table());
         }
+        return Ok(());
+    }
+    if !args.speed.is_empty() {
+        let Some(gpu) = open_gpu(args, &model)? else {
+            return Err("--speed measures the GPU, not the CPU twin".into());
+        };
+        let speeds = speed::run(&model, &gpu, &choices, &args.speed, args.profile)?;
+        print!("{}", speed::table(&speeds, &args.speed));
         return Ok(());
     }
     let [choice] = choices[..] else {
