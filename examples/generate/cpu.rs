@@ -27,21 +27,112 @@ impl<'m> CpuForward<'m> {
     }
 }
 
-/// `y[r] = W x[r]` for each row of `x` (`[rows, W.cols]`); each row of W is
-/// widened once and used for every row of `x`.
+/// Outputs of one block of [`matmul`]: its widened weights fill 16 SIMD lanes.
+const BLOCK: usize = 16;
+
+/// `y[r] = W x[r]` for each row of `x` (`[rows, W.cols]`). Blocks of
+/// [`BLOCK`] outputs are widened to f32 once and used for every row of `x`,
+/// spread over the CPU's threads; with AVX2 and FMA (checked at run time) the
+/// inner loop is compiled for them.
 pub fn matmul(w: &Matrix, x: &[f32]) -> Vec<f32> {
     let rows = x.len() / w.cols;
+    let blocks = w.rows.div_ceil(BLOCK);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(blocks);
+    // Each thread's blocks, each `[rows][BLOCK]`.
+    let parts: Vec<Vec<(usize, Vec<f32>)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut wide = vec![0f32; w.cols * BLOCK];
+                    (t..blocks)
+                        .step_by(threads)
+                        .map(|b| {
+                            widen(w, b * BLOCK, &mut wide);
+                            let mut out = vec![0f32; rows * BLOCK];
+                            block(&wide, x, w.cols, &mut out);
+                            (b, out)
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a matmul thread panicked"))
+            .collect()
+    });
     let mut y = vec![0f32; rows * w.rows];
-    let mut wide = vec![0f32; w.cols];
-    for (o, wr) in w.data.chunks_exact(w.cols).enumerate() {
-        for (a, b) in wide.iter_mut().zip(wr) {
-            *a = b.to_f32();
-        }
-        for (r, xr) in x.chunks_exact(w.cols).enumerate() {
-            y[r * w.rows + o] = wide.iter().zip(xr).map(|(a, b)| a * b).sum();
+    for (b, out) in parts.into_iter().flatten() {
+        let o0 = b * BLOCK;
+        let width = BLOCK.min(w.rows - o0);
+        for (yr, br) in y.chunks_exact_mut(w.rows).zip(out.chunks_exact(BLOCK)) {
+            yr[o0..o0 + width].copy_from_slice(&br[..width]);
         }
     }
     y
+}
+
+/// Rows `o0..o0 + BLOCK` of `w` as f32, transposed to `[cols][BLOCK]` (rows past
+/// the matrix are zero).
+fn widen(w: &Matrix, o0: usize, wide: &mut [f32]) {
+    wide.fill(0.0);
+    for i in 0..BLOCK.min(w.rows - o0) {
+        let row = &w.data[(o0 + i) * w.cols..(o0 + i + 1) * w.cols];
+        for (k, v) in row.iter().enumerate() {
+            wide[k * BLOCK + i] = v.to_f32();
+        }
+    }
+}
+
+/// `out[r] = wide^T x[r]` for a block, four rows at a time.
+fn block(wide: &[f32], x: &[f32], cols: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for.
+        unsafe { block_avx2(wide, x, cols, out) };
+        return;
+    }
+    block_rows::<false>(wide, x, cols, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn block_avx2(wide: &[f32], x: &[f32], cols: usize, out: &mut [f32]) {
+    block_rows::<true>(wide, x, cols, out);
+}
+
+#[inline(always)]
+fn block_rows<const FMA: bool>(wide: &[f32], x: &[f32], cols: usize, out: &mut [f32]) {
+    let mut xs = x.chunks_exact(4 * cols);
+    let mut outs = out.chunks_exact_mut(4 * BLOCK);
+    for (x4, o4) in (&mut xs).zip(&mut outs) {
+        rows_of::<4, FMA>(wide, x4, cols, o4);
+    }
+    for (x1, o1) in xs
+        .remainder()
+        .chunks_exact(cols)
+        .zip(outs.into_remainder().chunks_exact_mut(BLOCK))
+    {
+        rows_of::<1, FMA>(wide, x1, cols, o1);
+    }
+}
+
+#[inline(always)]
+fn rows_of<const R: usize, const FMA: bool>(wide: &[f32], x: &[f32], cols: usize, out: &mut [f32]) {
+    let mut acc = [[0f32; BLOCK]; R];
+    for (k, wk) in wide.chunks_exact(BLOCK).enumerate() {
+        for (r, a) in acc.iter_mut().enumerate() {
+            let xv = x[r * cols + k];
+            for (a, w) in a.iter_mut().zip(wk) {
+                *a = if FMA { w.mul_add(xv, *a) } else { *a + w * xv };
+            }
+        }
+    }
+    for (o, a) in out.chunks_exact_mut(BLOCK).zip(&acc) {
+        o.copy_from_slice(a);
+    }
 }
 
 /// RMSNorm of each row of `x`, times `w`.
