@@ -107,3 +107,108 @@ fn a_cache_larger_than_the_device_holds_is_refused_up_front() {
         assert_eq!(b.creations(), before, "nothing was allocated");
     }
 }
+
+/// Every word of every pool of `cache`, layer by layer (K data, K side, V data,
+/// V side).
+fn pool_words(b: &dyn Backend, cache: &KvCache) -> Vec<Vec<u32>> {
+    (0..cache.config().layers)
+        .flat_map(|layer| {
+            let (k, v) = cache.pools(layer).unwrap();
+            [&k.data, &k.side, &v.data, &v.side].map(|buf| b.download(buf, 0, buf.words()).unwrap())
+        })
+        .collect()
+}
+
+/// What a cache holds, as its API reads it: each sequence's length and K/V.
+fn contents(cache: &KvCache, seqs: &[kvq::SeqId]) -> Vec<(usize, Vec<f32>, Vec<f32>)> {
+    let mut out = Vec::new();
+    for &s in seqs {
+        let len = cache.seq_len(s).unwrap();
+        let positions: Vec<usize> = (0..len).collect();
+        for layer in 0..cache.config().layers {
+            let (k, v) = cache.read_kv(layer, s, &positions).unwrap();
+            out.push((len, k, v));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_failed_int4c_truncate_leaves_every_pool_word_as_it_was() {
+    let Some(shared) = gpu() else {
+        return;
+    };
+    // A backend of its own: the injected faults are the backend's.
+    let wgpu = Arc::new(WgpuBackend::open_named(&shared.info().name).unwrap());
+    let b: Arc<dyn Backend> = wgpu.clone();
+    let (layers, heads, d, bs) = (3, 2, 64, 32);
+    let cfg = CacheConfig::new(layers, heads, d, 8 * bs)
+        .with_block_size(bs)
+        .with_dtypes(KvDtype::Int4Channel, KvDtype::Int8)
+        .with_rotation(true);
+    let mut cache = KvCache::new(b.clone(), cfg).unwrap();
+    // Two full blocks and 6 tokens in the open one; a second sequence beside it.
+    let (a, other) = (cache.add_sequence(), cache.add_sequence());
+    for (seq, n, seed) in [(a, 2 * bs + 6, 1), (other, bs + 3, 2)] {
+        let row = layers * n * heads * d;
+        let (k, v) = (
+            Rng::new(seed).normals(row),
+            Rng::new(seed + 10).normals(row),
+        );
+        cache.append(&[(seq, n)], &k, &v).unwrap();
+    }
+    let words = pool_words(b.as_ref(), &cache);
+    let held = contents(&cache, &[a, other]);
+    // Cutting a at 40 reopens its second block; fail each allocation and
+    // submission of that in turn until the truncate gets through.
+    let mut failed = 0;
+    for n in 1.. {
+        wgpu.inject_fault(n);
+        let result = cache.truncate(a, bs + 8);
+        wgpu.inject_fault(0);
+        match result {
+            Err(e) => {
+                eprintln!("fault {n}: {e}");
+                assert!(matches!(e, Error::Device(_)), "fault {n}: {e:?}");
+                failed += 1;
+                assert_eq!(cache.seq_len(a).unwrap(), 2 * bs + 6, "fault {n}: length");
+                assert!(
+                    pool_words(b.as_ref(), &cache) == words,
+                    "fault {n}: pool words changed"
+                );
+                assert!(
+                    contents(&cache, &[a, other]) == held,
+                    "fault {n}: contents changed"
+                );
+            }
+            Ok(()) => break,
+        }
+        assert!(n < 20, "the truncate never got through");
+    }
+    assert!(
+        failed >= 3,
+        "a reopen allocates twice and submits once: {failed} faults hit it"
+    );
+    // The truncate that got through kept the first 40 keys (the reopened ones as
+    // F16 of their dequantized values) and left the other sequence alone.
+    let after = contents(&cache, &[a, other]);
+    for layer in 0..layers {
+        let (len, k, v) = &after[layer];
+        assert_eq!(*len, bs + 8);
+        let (_, k0, v0) = &held[layer];
+        // F16 rounding in the rotated basis, rotated back: |error| stays under
+        // 2^-11 of the head's norm (8 for these normals), and a margin.
+        let gap = k
+            .iter()
+            .zip(k0)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        eprintln!("layer {layer}: reopened keys within {gap:e}");
+        assert!(gap <= 8e-3, "layer {layer}: reopened keys off by {gap}");
+        assert_eq!(v[..], v0[..v.len()], "layer {layer}: values");
+        assert!(
+            after[layers + layer] == held[layers + layer],
+            "the other sequence"
+        );
+    }
+}

@@ -235,12 +235,14 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// and reports device errors raised meanwhile.
     fn run(&self, record: &mut dyn FnMut(&mut Encoder<'_>) -> Result<()>) -> Result<()>;
 
-    /// Moves the keys of Int4Channel pool slots back into open blocks, for each
-    /// (quantized slot, open slot) pair: dequantized, then stored F16 as the open
-    /// block holds keys (a truncate into a full block reopens it, DESIGN §2).
-    /// Waits until done.
-    fn reopen(&self, pool: &Pool, moves: &[[u32; 2]]) -> Result<()> {
-        let _ = (pool, moves);
+    /// Moves the keys of Int4Channel pool slots back into open blocks in every
+    /// one of `pools` (a cache's K pools, one per layer), for each (quantized
+    /// slot, open slot) pair: dequantized, then stored F16 as the open block
+    /// holds keys (a truncate into a full block reopens it, DESIGN §2). All or
+    /// nothing: every pool and move is checked and everything allocated before
+    /// the first pool is written. Waits until done.
+    fn reopen(&self, pools: &[&Pool], moves: &[[u32; 2]]) -> Result<()> {
+        let _ = (pools, moves);
         Err(Error::Unsupported(format!(
             "int4c keys on the {} backend",
             self.info().kind

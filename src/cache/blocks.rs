@@ -124,9 +124,28 @@ impl BlockManager {
         let mut moves = Vec::new();
         let mut open = seq.open;
         if open_needed {
-            let o = *open.get_or_insert_with(|| self.open_free.pop().expect("checked above"));
-            // The block was full (sealed): its kept tokens go back to the open block.
-            if let Some(b) = kept.filter(|_| old >= (block + 1) * bs) {
+            // A full (sealed) block that is cut reopens: its kept tokens go back
+            // to an open block. A free one when there is one, so that the
+            // sequence's own is not written until the reopen is done (a failed
+            // reopen then leaves every block in use as it was).
+            let refill = kept.filter(|_| old >= (block + 1) * bs);
+            let own = open.take();
+            let o = match (own, refill) {
+                (Some(own), Some(_)) => match self.open_free.pop() {
+                    Some(fresh) => {
+                        self.open_free.push(own);
+                        fresh
+                    }
+                    None => own,
+                },
+                (Some(own), None) => own,
+                (None, _) => self
+                    .open_free
+                    .pop()
+                    .ok_or(Error::OpenBlocksExhausted { needed: 1, free: 0 })?,
+            };
+            open = Some(o);
+            if let Some(b) = refill {
                 moves = (block * bs..len)
                     .map(|p| {
                         let s = (p % bs) as u32;

@@ -175,11 +175,8 @@ impl KvCache {
             .then(|| self.blocks.clone());
         let moves = self.blocks.truncate(id, len)?;
         if let Some(before) = before.filter(|_| !moves.is_empty()) {
-            let reopened = self
-                .layers
-                .iter()
-                .try_for_each(|l| self.backend.reopen(&l.k, &moves));
-            if let Err(e) = reopened {
+            let pools: Vec<&Pool> = self.layers.iter().map(|l| &l.k).collect();
+            if let Err(e) = self.backend.reopen(&pools, &moves) {
                 self.blocks = before;
                 return Err(e);
             }

@@ -101,25 +101,36 @@ fn seal_block(
 /// CPU twin of a truncate's reopen (`shaders/dequantize.wgsl` unrotated, then
 /// `shaders/quantize_append.wgsl` as F16): each (quantized slot, open slot) pair's
 /// keys, dequantized in the pool's basis, stored F16 in the open block.
-pub fn reopen(pool: &Pool, moves: &[[u32; 2]]) -> Result<()> {
-    let l = &pool.layout;
-    pool.check_reopen(moves)?;
-    let cap = l.capacity();
-    let d = l.head_dim;
-    let mut values = vec![0f32; moves.len() * l.kv_heads * d];
-    {
+pub fn reopen(pools: &[&Pool], moves: &[[u32; 2]]) -> Result<()> {
+    for pool in pools {
+        pool.check_reopen(moves)?;
+    }
+    // Every pool's moved keys, read before any pool is written.
+    let mut values = Vec::with_capacity(pools.len());
+    for pool in pools {
+        let l = &pool.layout;
+        let d = l.head_dim;
+        let mut kept = vec![0f32; moves.len() * l.kv_heads * d];
         let view = PoolView::new(pool)?;
-        for (m, out) in moves.iter().zip(values.chunks_exact_mut(l.kv_heads * d)) {
+        for (m, out) in moves.iter().zip(kept.chunks_exact_mut(l.kv_heads * d)) {
             for (h, v) in out.chunks_exact_mut(d).enumerate() {
                 view.load(m[0] as usize, h, v);
             }
         }
+        values.push(kept);
     }
-    let mut side = write(&pool.side)?;
-    for (m, vals) in moves.iter().zip(values.chunks_exact(l.kv_heads * d)) {
-        for (h, v) in vals.chunks_exact(d).enumerate() {
-            let row = l.row(m[1] as usize - cap, h);
-            quantize_f16(v, &mut side[l.open_base() + row * d / 2..][..d / 2]);
+    let mut sides = pools
+        .iter()
+        .map(|p| write(&p.side))
+        .collect::<Result<Vec<_>>>()?;
+    for ((pool, kept), side) in pools.iter().zip(&values).zip(&mut sides) {
+        let l = &pool.layout;
+        let (cap, d) = (l.capacity(), l.head_dim);
+        for (m, vals) in moves.iter().zip(kept.chunks_exact(l.kv_heads * d)) {
+            for (h, v) in vals.chunks_exact(d).enumerate() {
+                let row = l.row(m[1] as usize - cap, h);
+                quantize_f16(v, &mut side[l.open_base() + row * d / 2..][..d / 2]);
+            }
         }
     }
     Ok(())

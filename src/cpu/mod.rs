@@ -258,8 +258,8 @@ impl Backend for CpuBackend {
         record(&mut Encoder::Immediate)
     }
 
-    fn reopen(&self, pool: &Pool, moves: &[[u32; 2]]) -> Result<()> {
-        append::reopen(pool, moves)
+    fn reopen(&self, pools: &[&Pool], moves: &[[u32; 2]]) -> Result<()> {
+        append::reopen(pools, moves)
     }
 
     fn dequantize(

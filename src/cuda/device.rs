@@ -904,9 +904,22 @@ impl Backend for CudaBackend {
         Ok(())
     }
 
-    fn reopen(&self, pool: &Pool, moves: &[[u32; 2]]) -> Result<()> {
-        let l = &pool.layout;
-        pool.check_reopen(moves)?;
+    fn reopen(&self, pools: &[&Pool], moves: &[[u32; 2]]) -> Result<()> {
+        let Some(first) = pools.first() else {
+            return Ok(());
+        };
+        let l = &first.layout;
+        // Everything checked, compiled and allocated before the first launch.
+        let mut ptrs = Vec::with_capacity(pools.len());
+        for pool in pools {
+            pool.check_reopen(moves)?;
+            if pool.layout != *l {
+                return Err(Error::InvalidConfig(
+                    "reopen: the pools differ in layout".into(),
+                ));
+            }
+            ptrs.push(pool_ptrs(pool)?);
+        }
         check_layout(l)?;
         if moves.is_empty() {
             return Ok(());
@@ -916,7 +929,6 @@ impl Backend for CudaBackend {
         let slots_buf = self.alloc(slots.len())?;
         self.upload(&slots_buf, 0, &slots)?;
         let scratch = self.alloc(n * l.kv_heads * l.head_dim)?;
-        let (data, side) = pool_ptrs(pool)?;
         let (srcs, scratch_ptr) = (Self::ptr(&slots_buf)?, Self::ptr(&scratch)?);
         let dsts = srcs + 4 * n as u64;
         let grid = rows_grid(n, l.kv_heads)?;
@@ -925,25 +937,29 @@ impl Backend for CudaBackend {
             rotated: false,
             ..*l
         };
-        let f = self.function(&KernelKey::plain(CudaKernel::Rows), "dequantize")?;
-        let params = RowParams::new(n, &basis, false);
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&params)
-            .arg(&srcs)
-            .arg(&data)
-            .arg(&side)
-            .arg(&scratch_ptr);
-        self.launch(&self.stream, b, grid)?;
-        let f = self.function(&KernelKey::plain(CudaKernel::Rows), "quantize_append")?;
-        let params = RowParams::open_blocks(n, &basis, false);
-        let opens = side + 4 * l.open_base() as u64;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&params)
-            .arg(&scratch_ptr)
-            .arg(&dsts)
-            .arg(&opens)
-            .arg(&data);
-        self.launch(&self.stream, b, grid)?;
+        let dequantize = self.function(&KernelKey::plain(CudaKernel::Rows), "dequantize")?;
+        let store = self.function(&KernelKey::plain(CudaKernel::Rows), "quantize_append")?;
+        let (load_params, store_params) = (
+            RowParams::new(n, &basis, false),
+            RowParams::open_blocks(n, &basis, false),
+        );
+        for (data, side) in ptrs {
+            let mut b = self.stream.launch_builder(&dequantize);
+            b.arg(&load_params)
+                .arg(&srcs)
+                .arg(&data)
+                .arg(&side)
+                .arg(&scratch_ptr);
+            self.launch(&self.stream, b, grid)?;
+            let opens = side + 4 * l.open_base() as u64;
+            let mut b = self.stream.launch_builder(&store);
+            b.arg(&store_params)
+                .arg(&scratch_ptr)
+                .arg(&dsts)
+                .arg(&opens)
+                .arg(&data);
+            self.launch(&self.stream, b, grid)?;
+        }
         self.synchronize()
     }
 

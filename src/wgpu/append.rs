@@ -54,12 +54,27 @@ fn windows_of(b: &WgpuBackend, l: &PoolLayout) -> Result<Windows> {
     Ok(windows)
 }
 
-/// A truncate's reopen on an Int4Channel pool: the moved keys dequantized in the
-/// pool's basis (dequantize.wgsl unrotated) into a scratch buffer, then stored F16
-/// into their open blocks (quantize_append.wgsl as F16, unrotated). Waits.
-pub fn reopen(b: &WgpuBackend, pool: &Pool, moves: &[[u32; 2]]) -> Result<()> {
-    let l = &pool.layout;
-    pool.check_reopen(moves)?;
+/// A truncate's reopen on Int4Channel pools of one layout (a cache's layers):
+/// the moved keys dequantized in the pool's basis (dequantize.wgsl unrotated)
+/// into a scratch buffer, then stored F16 into their open blocks
+/// (quantize_append.wgsl as F16, unrotated). Everything is checked and allocated
+/// first and every pool recorded into one submission, which submits nothing if
+/// any recording fails. Waits.
+pub fn reopen(b: &WgpuBackend, pools: &[&Pool], moves: &[[u32; 2]]) -> Result<()> {
+    let Some(first) = pools.first() else {
+        return Ok(());
+    };
+    let l = &first.layout;
+    let mut raws = Vec::with_capacity(pools.len());
+    for pool in pools {
+        pool.check_reopen(moves)?;
+        if pool.layout != *l {
+            return Err(Error::InvalidConfig(
+                "reopen: the pools differ in layout".into(),
+            ));
+        }
+        raws.push((WgpuBackend::raw(&pool.data)?, WgpuBackend::raw(&pool.side)?));
+    }
     if moves.is_empty() {
         return Ok(());
     }
@@ -72,50 +87,51 @@ pub fn reopen(b: &WgpuBackend, pool: &Pool, moves: &[[u32; 2]]) -> Result<()> {
     let scratch = b.alloc(n * heads * d)?;
     let grid = b.rows_grid(rows(n, heads)?, ROW_WG)?;
     let (slots_raw, scratch_raw) = (WgpuBackend::raw(&slots_buf)?, WgpuBackend::raw(&scratch)?);
-    let (data, side) = (WgpuBackend::raw(&pool.data)?, WgpuBackend::raw(&pool.side)?);
     let basis = PoolLayout {
         rotated: false,
         ..*l
     };
     let open = basis.open_view();
+    let opens = (l.open_blocks * l.block_size) as u32;
     let capacity = l.capacity() as u32;
+    let store = [
+        n as u32,
+        heads as u32,
+        l.block_size as u32,
+        opens,
+        capacity,
+        n as u32,
+        0,
+        0,
+    ];
+    let offset = l.open_base() as u64 * 4;
     b.submit(|enc| {
-        b.dispatch(
-            enc,
-            &PipelineKey::rows(Kernel::Dequantize, &basis),
-            &params(n, &basis, &Window::whole(l.num_blocks), 0),
-            &[
-                Range::whole(slots_raw),
-                Range::whole(data),
-                Range::whole(side),
-                Range::whole(scratch_raw),
-            ],
-            grid,
-        )?;
-        let opens = (l.open_blocks * l.block_size) as u32;
-        let p = [
-            n as u32,
-            heads as u32,
-            l.block_size as u32,
-            opens,
-            capacity,
-            n as u32,
-            0,
-            0,
-        ];
-        let offset = l.open_base() as u64 * 4;
-        b.dispatch(
-            enc,
-            &PipelineKey::rows(Kernel::QuantizeAppend, &open).with("SRC_F16", 0),
-            &p,
-            &[
-                Range::whole(scratch_raw),
-                Range::whole(slots_raw),
-                Range::new(side, offset, side.size() - offset),
-                Range::whole(data),
-            ],
-            grid,
-        )?;
+        for &(data, side) in &raws {
+            b.dispatch(
+                enc,
+                &PipelineKey::rows(Kernel::Dequantize, &basis),
+                &params(n, &basis, &Window::whole(l.num_blocks), 0),
+                &[
+                    Range::whole(slots_raw),
+                    Range::whole(data),
+                    Range::whole(side),
+                    Range::whole(scratch_raw),
+                ],
+                grid,
+            )?;
+            b.dispatch(
+                enc,
+                &PipelineKey::rows(Kernel::QuantizeAppend, &open).with("SRC_F16", 0),
+                &store,
+                &[
+                    Range::whole(scratch_raw),
+                    Range::whole(slots_raw),
+                    Range::new(side, offset, side.size() - offset),
+                    Range::whole(data),
+                ],
+                grid,
+            )?;
+        }
         Ok(())
     })?;
     Ok(())

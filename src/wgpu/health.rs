@@ -59,3 +59,30 @@ impl Health {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
+
+/// Faults injected by tests: the n-th allocation or submission from the moment
+/// it was set fails (0: none pending).
+#[derive(Debug, Default)]
+pub struct Faults(std::sync::atomic::AtomicU64);
+
+impl Faults {
+    /// Makes the `n`-th allocation or submission from now fail; 0 clears it.
+    pub fn set(&self, n: u64) {
+        self.0.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Counts one allocation or submission (`what`): the injected one fails.
+    pub fn check(&self, what: &str) -> crate::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let hit = self
+            .0
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok_and(|n| n == 1);
+        if hit {
+            return Err(crate::Error::Device(format!(
+                "injected fault at this {what}"
+            )));
+        }
+        Ok(())
+    }
+}

@@ -25,7 +25,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use self::bindings::{BindGroups, Created, Range};
 use self::gate::{Gate, Gated};
-use self::health::Health;
+use self::health::{Faults, Health};
 use self::pipelines::{PipelineKey, Pipelines};
 use self::timing::Timer;
 use self::workspace::Workspaces;
@@ -66,6 +66,8 @@ pub struct WgpuBackend {
     created: Created,
     /// Loss and errors the device reported.
     health: Health,
+    /// Failures injected by fault tests.
+    faults: Faults,
 }
 
 impl WgpuBackend {
@@ -213,6 +215,7 @@ impl WgpuBackend {
             workspaces: Gated::new(Workspaces::default(), gate),
             created: Created::default(),
             health: Health::default(),
+            faults: Faults::default(),
         }
     }
 
@@ -304,6 +307,14 @@ impl WgpuBackend {
         }
     }
 
+    /// For fault-injection tests: the `n`-th allocation or submission of this
+    /// backend from now (1: the next) fails with `Error::Device`, once; 0 clears
+    /// it. A failed submission submits nothing.
+    #[doc(hidden)]
+    pub fn inject_fault(&self, n: u64) {
+        self.faults.set(n);
+    }
+
     /// Runs `encode` on a fresh encoder, submits it, and turns validation and
     /// out-of-memory errors raised meanwhile into `kvq::Error`.
     pub(crate) fn submit(
@@ -315,14 +326,16 @@ impl WgpuBackend {
         let mut encoder = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("kvq") });
-        let encoded = encode(&mut encoder);
+        // A failed recording, or an injected fault, submits nothing: what was
+        // recorded before it never runs (DESIGN §6, all or nothing).
+        let encoded = encode(&mut encoder).and_then(|()| self.faults.check("submission"));
         if let Some(timer) = self.timer().as_ref() {
             timer.resolve(&mut encoder);
         }
-        let index = self.queue.submit([encoder.finish()]);
+        let submitted = encoded.map(|()| self.queue.submit([encoder.finish()]));
         let valid = pollster::block_on(valid.pop());
         let oom = pollster::block_on(oom.pop());
-        encoded?;
+        let index = submitted?;
         if let Some(e) = valid {
             return Err(Error::Device(e.to_string()));
         }
@@ -485,6 +498,7 @@ impl Backend for WgpuBackend {
         self.guarded(|| {
             let bytes = (words.max(1) as u64).saturating_mul(4);
             check_limit("max_buffer_size", bytes, self.info.limits.max_buffer_bytes)?;
+            self.faults.check("allocation")?;
             let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
             self.created.count();
             let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
@@ -563,8 +577,8 @@ impl Backend for WgpuBackend {
         self.guarded(|| append::dequantize(self, pool, slots, tokens, out))
     }
 
-    fn reopen(&self, pool: &Pool, moves: &[[u32; 2]]) -> Result<()> {
-        self.guarded(|| append::reopen(self, pool, moves))?;
+    fn reopen(&self, pools: &[&Pool], moves: &[[u32; 2]]) -> Result<()> {
+        self.guarded(|| append::reopen(self, pools, moves))?;
         self.synchronize()
     }
 
