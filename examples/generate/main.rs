@@ -25,16 +25,20 @@ use std::time::Instant;
 use clap::Parser;
 use kvq::KvDtype;
 
-use crate::model::{Forward, Model};
+use crate::model::{Config, Forward, Model};
 use crate::tokenizer::Tokenizer;
 
 /// Where the README's commands put the model.
 const DEFAULT_MODEL: &str = "target/model/SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// `--model` of SmolLM2-135M's shape with random weights, for --speed.
+const SYNTHETIC: &str = "synthetic";
+
 #[derive(Parser, Debug)]
 #[command(about = "Generate text or measure perplexity with the KV cache in kvq")]
 struct Args {
-    /// The GGUF model (Llama architecture).
+    /// The GGUF model (Llama architecture), or `synthetic`: SmolLM2-135M's shape
+    /// with random weights, for --speed without the file.
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: PathBuf,
     /// Text to continue.
@@ -140,10 +144,14 @@ fn run(args: &Args) -> Result<(), String> {
         ));
     }
     let loaded = Instant::now();
-    // The reader's errors name the file.
-    let (model, g) = Model::load(&args.model).map_err(|e| e.to_string())?;
-    let tok = Tokenizer::from_gguf(&g).map_err(|e| format!("{}: {e}", args.model.display()))?;
-    drop(g);
+    let (model, tok) = if args.model.as_os_str() == SYNTHETIC {
+        (Model::synthetic(Config::smollm2_135m()), None)
+    } else {
+        // The reader's errors name the file.
+        let (model, g) = Model::load(&args.model).map_err(|e| e.to_string())?;
+        let tok = Tokenizer::from_gguf(&g).map_err(|e| format!("{}: {e}", args.model.display()))?;
+        (model, Some(tok))
+    };
     let c = &model.config;
     eprintln!(
         "model: {} layers, hidden {}, {} q / {} kv heads of {}, vocab {}, loaded in {:.1} s",
@@ -155,6 +163,19 @@ fn run(args: &Args) -> Result<(), String> {
         c.vocab,
         loaded.elapsed().as_secs_f64()
     );
+    if !args.speed.is_empty() {
+        let Some(gpu) = open_gpu(args, &model)? else {
+            return Err("--speed measures the GPU, not the CPU twin".into());
+        };
+        let speeds = speed::run(&model, &gpu, &choices, &args.speed, args.profile)?;
+        print!("{}", speed::table(&speeds, &args.speed));
+        return Ok(());
+    }
+    let Some(tok) = tok else {
+        return Err(format!(
+            "--model {SYNTHETIC} has random weights and no vocabulary: it only times, with --speed"
+        ));
+    };
     if let Some(path) = &args.perplexity {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let tokens = tok.encode(&text);
@@ -172,14 +193,6 @@ fn run(args: &Args) -> Result<(), String> {
         } else {
             print!("{}", report.table());
         }
-        return Ok(());
-    }
-    if !args.speed.is_empty() {
-        let Some(gpu) = open_gpu(args, &model)? else {
-            return Err("--speed measures the GPU, not the CPU twin".into());
-        };
-        let speeds = speed::run(&model, &gpu, &choices, &args.speed, args.profile)?;
-        print!("{}", speed::table(&speeds, &args.speed));
         return Ok(());
     }
     let [choice] = choices[..] else {

@@ -67,6 +67,22 @@ impl Config {
         })
     }
 
+    /// SmolLM2-135M's shape, for `--model synthetic`.
+    pub fn smollm2_135m() -> Config {
+        Config {
+            layers: 30,
+            hidden: 576,
+            ffn: 1536,
+            q_heads: 9,
+            kv_heads: 3,
+            head_dim: 64,
+            vocab: 49152,
+            context: 8192,
+            rope_base: 100000.0,
+            norm_eps: 1e-5,
+        }
+    }
+
     /// Widths of q, and of k (= v), per token.
     pub fn qk_widths(&self) -> (usize, usize) {
         (self.q_heads * self.head_dim, self.kv_heads * self.head_dim)
@@ -175,6 +191,48 @@ impl Model {
             output,
         };
         Ok((Model { config, weights }, g))
+    }
+
+    /// A model of `config`'s shape with random weights (uniform, scaled by
+    /// 1/sqrt(fan-in), norms of ones): it times like the real one, for speed
+    /// runs where the GGUF is not at hand (the GPU check's bundle).
+    pub fn synthetic(config: Config) -> Model {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut matrix = |rows: usize, cols: usize| {
+            let scale = (3.0 / cols as f32).sqrt();
+            let data = (0..rows * cols)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    let u = (state >> 40) as f32 / (1u64 << 24) as f32;
+                    f16::from_f32((2.0 * u - 1.0) * scale)
+                })
+                .collect();
+            Matrix { rows, cols, data }
+        };
+        let c = &config;
+        let (qw, kw) = c.qk_widths();
+        let layers = (0..c.layers)
+            .map(|_| Layer {
+                attn_norm: vec![1.0; c.hidden],
+                wq: matrix(qw, c.hidden),
+                wk: matrix(kw, c.hidden),
+                wv: matrix(kw, c.hidden),
+                wo: matrix(c.hidden, qw),
+                ffn_norm: vec![1.0; c.hidden],
+                gate: matrix(c.ffn, c.hidden),
+                up: matrix(c.ffn, c.hidden),
+                down: matrix(c.hidden, c.ffn),
+            })
+            .collect();
+        let weights = Weights {
+            embed: matrix(c.vocab, c.hidden),
+            layers,
+            out_norm: vec![1.0; c.hidden],
+            output: None,
+        };
+        Model { config, weights }
     }
 
     /// RoPE's cos and sin for `positions`: `[positions, head_dim / 2]` pairs, from
