@@ -108,14 +108,19 @@ impl KvDtype {
 
     /// Codes per u32 word: 2, 4 or 8.
     pub fn per_word(&self) -> u32 {
-        2 << self.tag().min(2)
+        2 << self.packing().min(2)
+    }
+
+    /// Bits of one code: 16, 8 or 4.
+    pub fn code_bits(&self) -> u32 {
+        32 / self.per_word()
     }
 
     /// How kernels unpack a word (their `*_DTYPE`): 0, two 16-bit values (F16,
     /// BF16); 1, four bytes times one f32 scale (Int8, FP8); 2, eight Int4 codes
     /// with a (scale, min) per group; 3, eight Int4 codes with a (scale, min) per
     /// (block, channel).
-    pub(crate) fn tag(&self) -> u32 {
+    pub(crate) fn packing(&self) -> u32 {
         match self {
             KvDtype::F16 | KvDtype::Bf16 => 0,
             KvDtype::Int8 | KvDtype::Fp8E4M3 | KvDtype::Fp8E5M2 => 1,
@@ -239,7 +244,7 @@ impl KvDtype {
     /// Int4 (any group) and Int4Channel 2. Formats of one width tie: which of them keeps more of a
     /// tensor depends on its values, not on its size.
     pub fn compactness(&self) -> u8 {
-        self.tag().min(2) as u8
+        self.packing().min(2) as u8
     }
 
     /// The dtype stored in `bits` bits per element, where only one is: 4 gives

@@ -35,20 +35,21 @@ pub enum Error {
     },
 
     /// An index (layer, head, position, …) past its range.
-    #[error("{what} {value} out of range (must be < {limit})")]
+    #[error("{what} {value} out of range{}", bound(.limit))]
     OutOfRange {
         /// Which index.
         what: &'static str,
         /// The value given.
         value: usize,
-        /// The exclusive upper bound.
+        /// The exclusive upper bound; `usize::MAX` where `what` states the rule
+        /// (not printed).
         limit: usize,
     },
 
     /// Appending tokens needs more free blocks than the cache has.
-    #[error("cache capacity exceeded: need {needed} more blocks, {free} free")]
+    #[error("cache capacity exceeded: need {} more blocks, {free} free", count(.needed))]
     CapacityExceeded {
-        /// Blocks the request needs.
+        /// Blocks the request needs; `usize::MAX` when the count overflowed.
         needed: usize,
         /// Blocks that are free.
         free: usize,
@@ -113,6 +114,15 @@ pub enum Error {
         expected: &'static str,
     },
 
+    /// A step prepared by another backend was passed in.
+    #[error(
+        "step prepared by another backend (expected a {expected} step): prepare it on this one"
+    )]
+    ForeignStep {
+        /// The backend that was called.
+        expected: &'static str,
+    },
+
     /// No backend could be selected; the message lists every candidate and why.
     #[error("no usable backend: {0}")]
     NoBackend(String),
@@ -142,4 +152,20 @@ pub enum Error {
     /// The device reported an error (validation, driver).
     #[error("device error: {0}")]
     Device(String),
+}
+
+/// `OutOfRange`'s bound, unless there is none to state (`usize::MAX`).
+fn bound(limit: &usize) -> String {
+    match *limit {
+        usize::MAX => String::new(),
+        l => format!(" (must be < {l})"),
+    }
+}
+
+/// A count that may have overflowed (`usize::MAX`).
+fn count(n: &usize) -> String {
+    match *n {
+        usize::MAX => "uncountably many".into(),
+        n => n.to_string(),
+    }
 }

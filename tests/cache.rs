@@ -429,7 +429,7 @@ fn block_manager_extend_computes_slots() {
     assert_eq!(m.len(a), Ok(0));
     assert_eq!(m.block_table(a).unwrap(), &[] as &[u32]);
 
-    let s = m.extend(&[(a, 5), (b, 1)]).unwrap();
+    let s = m.extend(&[(a, 5), (b, 1)]).unwrap().slots;
     assert_eq!(s.len(), 6);
     check_slots(&m, bs, a, 0, &s[..5]);
     check_slots(&m, bs, b, 0, &s[5..]);
@@ -440,17 +440,20 @@ fn block_manager_extend_computes_slots() {
     assert_eq!(s.iter().collect::<BTreeSet<_>>().len(), 6);
 
     // Growing within the last block takes no new block.
-    let s = m.extend(&[(a, 3)]).unwrap();
+    let s = m.extend(&[(a, 3)]).unwrap().slots;
     check_slots(&m, bs, a, 5, &s);
     assert_eq!(m.free_blocks(), 3);
     assert_eq!(m.len(a), Ok(8));
     // A zero-token extend is a no-op.
     let before = m.clone();
-    assert_eq!(m.extend(&[(a, 0), (b, 0)]).unwrap(), Vec::<u32>::new());
+    assert_eq!(
+        m.extend(&[(a, 0), (b, 0)]).unwrap().slots,
+        Vec::<u32>::new()
+    );
     assert_eq!(m, before);
-    assert_eq!(m.extend(&[]).unwrap(), Vec::<u32>::new());
+    assert_eq!(m.extend(&[]).unwrap().slots, Vec::<u32>::new());
     // Crossing into a new block takes exactly one.
-    let s = m.extend(&[(a, 1)]).unwrap();
+    let s = m.extend(&[(a, 1)]).unwrap().slots;
     check_slots(&m, bs, a, 8, &s);
     assert_eq!(m.free_blocks(), 2);
     check_invariants(&m, nb, bs);
@@ -473,7 +476,7 @@ fn block_manager_free_and_reuse() {
     assert_eq!(m.len(a), Err(Error::UnknownSequence(a.0)));
     assert_eq!(m.remove(a), Err(Error::UnknownSequence(a.0)));
     // b grows into a's old blocks: all 4 blocks in use, b's table is scattered.
-    let s = m.extend(&[(b, 7)]).unwrap();
+    let s = m.extend(&[(b, 7)]).unwrap().slots;
     check_slots(&m, bs, b, 1, &s);
     assert_eq!(m.free_blocks(), 0);
     let table = m.block_table(b).unwrap();
@@ -504,7 +507,7 @@ fn block_manager_truncate() {
     assert_eq!(m.block_table(a).unwrap(), &table[..2]);
     assert_eq!(m.free_blocks(), 3);
     // Regrow: slots continue from the new length.
-    let s = m.extend(&[(a, 2)]).unwrap();
+    let s = m.extend(&[(a, 2)]).unwrap().slots;
     check_slots(&m, bs, a, 6, &s);
     assert_eq!(m.len(a), Ok(8));
     check_invariants(&m, nb, bs);
@@ -562,7 +565,7 @@ fn block_manager_capacity_exceeded_changes_nothing() {
     ));
     assert_eq!(m, before);
     // Exactly the capacity fits.
-    let s = m.extend(&[(a, 3), (b, 4)]).unwrap();
+    let s = m.extend(&[(a, 3), (b, 4)]).unwrap().slots;
     assert_eq!(s.len(), 7);
     assert_eq!(m.free_blocks(), 0);
     let full = m.clone();
@@ -636,7 +639,7 @@ fn block_manager_random_operations_keep_invariants() {
                 let batch: Vec<(SeqId, usize)> =
                     ids.iter().map(|&id| (SeqId(id), rng.below(8))).collect();
                 let before = m.clone();
-                match m.extend(&batch) {
+                match m.extend(&batch).map(|ext| ext.slots) {
                     Ok(slots) => {
                         let mut at = 0;
                         for &(id, n) in &batch {

@@ -872,6 +872,7 @@ fn kind(e: &Error) -> &'static str {
         Error::NonFinite { .. } => "NonFinite",
         Error::DeviceLimit { .. } => "DeviceLimit",
         Error::ForeignBuffer { .. } => "ForeignBuffer",
+        Error::ForeignStep { .. } => "ForeignStep",
         Error::NoBackend(_) => "NoBackend",
         Error::CudaNotCompiled => "CudaNotCompiled",
         Error::OutOfMemory(_) => "OutOfMemory",

@@ -415,7 +415,7 @@ fn open_block_bookkeeping_under_random_use() {
                 }
             }
             let lens: Vec<usize> = batch.iter().map(|b| m.len(b.0).unwrap()).collect();
-            m.grow(&batch).map(|ext| {
+            m.extend(&batch).map(|ext| {
                 let filled: usize = batch
                     .iter()
                     .zip(&lens)

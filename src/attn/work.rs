@@ -46,7 +46,7 @@ impl LaneShape {
 /// per-slot arrays hold 32 slots; 4 keys per step, 2 past 4 rows, so that a step's
 /// partial dots stay 16 per lane.
 pub fn lane_shape(k: &PoolLayout, v: &PoolLayout, rows: u32, lane_floats: u32) -> LaneShape {
-    let bits = |l: &PoolLayout| 16 >> l.dtype.tag();
+    let bits = |l: &PoolLayout| l.dtype.code_bits();
     let d = k.head_dim as u32;
     let mut dims = 128 / bits(k).max(bits(v));
     while dims > 8

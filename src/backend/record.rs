@@ -381,11 +381,11 @@ impl Prepared {
         }
     }
 
-    /// The backend's own state, or `ForeignBuffer` if another backend prepared it.
+    /// The backend's own state, or `ForeignStep` if another backend prepared it.
     pub fn inner<T: Any>(&self, backend: &'static str) -> Result<&T> {
         self.inner
             .downcast_ref::<T>()
-            .ok_or(Error::ForeignBuffer { expected: backend })
+            .ok_or(Error::ForeignStep { expected: backend })
     }
 
     /// Checks that `(k, v)` are pools this step was prepared for.

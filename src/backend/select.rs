@@ -63,7 +63,7 @@ fn env(name: &str) -> Option<String> {
 pub(crate) enum Opener {
     Cpu,
     Wgpu(Box<::wgpu::Adapter>),
-    // Built by the CUDA probe once that backend lists devices (not yet, either way).
+    // Built by the CUDA probe for each device it lists (never without `cuda`).
     #[allow(dead_code)]
     Cuda(usize),
 }

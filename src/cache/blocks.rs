@@ -206,15 +206,10 @@ impl BlockManager {
         Ok(())
     }
 
-    /// Grows each sequence by its count of tokens and returns the pool slot of every
-    /// new token, sequence by sequence. All or nothing.
-    pub fn extend(&mut self, batch: &[(SeqId, usize)]) -> Result<Vec<u32>> {
-        Ok(self.grow(batch)?.slots)
-    }
-
-    /// [`extend`](Self::extend), returning where every new token goes, its key
-    /// included where the cache has open blocks.
-    pub fn grow(&mut self, batch: &[(SeqId, usize)]) -> Result<Extension> {
+    /// Grows each sequence by its count of tokens and returns where every new
+    /// token goes: its pool slot, sequence by sequence, and its key's where the
+    /// cache has open blocks. All or nothing.
+    pub fn extend(&mut self, batch: &[(SeqId, usize)]) -> Result<Extension> {
         self.check_batch(batch.iter().map(|&(id, _)| id))?;
         let bs = self.block_size;
         let too_many = Error::CapacityExceeded {

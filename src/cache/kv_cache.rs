@@ -193,7 +193,7 @@ impl KvCache {
     /// Reserves slots for `n` new tokens of each listed sequence (all or nothing).
     /// Lengths grow now; write the tokens' K/V into every layer with [`Self::write`].
     pub fn extend(&mut self, batch: &[(SeqId, usize)]) -> Result<Reservation> {
-        let ext = self.blocks.grow(batch)?;
+        let ext = self.blocks.extend(batch)?;
         self.epoch += 1;
         Ok(Reservation {
             ext,

@@ -110,7 +110,7 @@ impl KvCache {
     fn plan_step(&mut self, batch: &[(SeqId, usize)], params: &AttnParams) -> Result<Plan> {
         let params = self.check_step(batch, params)?;
         let before = self.blocks.clone();
-        let ext = self.blocks.grow(batch)?;
+        let ext = self.blocks.extend(batch)?;
         match self.prepare_step(batch, &ext, Some(params)) {
             Ok(prepared) => {
                 self.epoch += 1;

@@ -393,7 +393,7 @@ impl RowParams {
             kv_heads: l.kv_heads as u32,
             block_size: l.block_size as u32,
             capacity: (l.num_blocks * l.block_size) as u32,
-            dtype: l.dtype.tag(),
+            dtype: l.dtype.packing(),
             code: l.dtype.code(),
             head_dim: l.head_dim as u32,
             group: l.dtype.group().max(8),

@@ -70,8 +70,8 @@ impl KernelKey {
         KernelKey {
             kernel: CudaKernel::Attention,
             defines: vec![
-                ("K_DTYPE", k.tag()),
-                ("V_DTYPE", v.tag()),
+                ("K_DTYPE", k.packing()),
+                ("V_DTYPE", v.packing()),
                 ("K_CODE", k.code()),
                 ("V_CODE", v.code()),
                 ("DL", dims),
@@ -113,7 +113,7 @@ impl KernelKey {
             (e5m2, bf16),
         ]);
         for (k, v) in pairs {
-            let widest = 128 / (16 >> k.tag().min(v.tag()));
+            let widest = 128 / k.code_bits().max(v.code_bits());
             for rows in 1..=MAX_ROWS {
                 for dims in [8, 16, 32] {
                     if dims <= widest && (dims == 8 || dims * rows <= LANE_FLOATS) {

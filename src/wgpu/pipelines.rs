@@ -25,7 +25,7 @@ impl PipelineKey {
         PipelineKey {
             kernel,
             constants: vec![
-                ("DTYPE", l.dtype.tag()),
+                ("DTYPE", l.dtype.packing()),
                 ("CODE", l.dtype.code()),
                 ("HEAD_DIM", l.head_dim as u32),
                 ("GROUP", l.dtype.group().max(8)),
@@ -213,8 +213,8 @@ fn attention_constants(
     qb: u32,
 ) -> Vec<(&'static str, u32)> {
     vec![
-        ("K_DTYPE", k.dtype.tag()),
-        ("V_DTYPE", v.dtype.tag()),
+        ("K_DTYPE", k.dtype.packing()),
+        ("V_DTYPE", v.dtype.packing()),
         ("K_CODE", k.dtype.code()),
         ("V_CODE", v.dtype.code()),
         ("HEAD_DIM", k.head_dim as u32),
