@@ -131,6 +131,7 @@ impl KvDtype {
 
     /// Which format of its packing a code is (kernels' `*_CODE`): F16, Int8 and
     /// Int4 0; BF16 and FP8 E4M3 1; FP8 E5M2 2.
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
     pub(crate) fn code(&self) -> u32 {
         match self {
             KvDtype::F16 | KvDtype::Int8 | KvDtype::Int4 { .. } | KvDtype::Int4Channel => 0,

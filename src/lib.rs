@@ -38,6 +38,7 @@ mod error;
 pub mod levels;
 pub mod quant;
 pub mod reference;
+#[cfg(feature = "wgpu")]
 pub mod wgpu;
 
 pub use attn::AttnParams;

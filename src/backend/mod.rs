@@ -1,12 +1,15 @@
 //! The `Backend` trait every device implements, what it reports, and selection.
 
 mod buffer;
+// Used by the GPU backends only.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub(crate) mod lease;
 mod record;
 mod select;
 
 pub use buffer::DeviceBuffer;
 pub use record::{Elem, Encoder, Prepared, Seal, SeqInfo, Step, Tensor};
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub(crate) use select::Opener;
 pub use select::{
     Candidate, Preference, Probe, Selected, probe, probe_async, select, select_async,
@@ -172,6 +175,7 @@ impl Pool {
 
 /// The slots of [`Backend::reopen`]'s moves as its kernels read them: every source
 /// (quantized) slot, then every destination (open) slot.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 pub(crate) fn reopen_slots(moves: &[[u32; 2]]) -> Vec<u32> {
     moves
         .iter()

@@ -18,19 +18,27 @@ pub enum Encoder<'a> {
     /// Nowhere: the work runs as it is recorded (the CPU reference).
     Immediate,
     /// A wgpu command encoder the application owns and submits.
+    #[cfg(feature = "wgpu")]
     Wgpu(&'a mut ::wgpu::CommandEncoder),
     /// A CUDA stream: work is launched on it, in order, as it is recorded.
     #[cfg(feature = "cuda")]
     Cuda(&'a cudarc::driver::CudaStream),
+    /// Holds the lifetime in a build with neither GPU backend.
+    #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+    #[doc(hidden)]
+    None(std::marker::PhantomData<&'a mut ()>),
 }
 
 impl fmt::Debug for Encoder<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Encoder::Immediate => "Encoder::Immediate",
+            #[cfg(feature = "wgpu")]
             Encoder::Wgpu(_) => "Encoder::Wgpu",
             #[cfg(feature = "cuda")]
             Encoder::Cuda(_) => "Encoder::Cuda",
+            #[cfg(not(any(feature = "wgpu", feature = "cuda")))]
+            Encoder::None(_) => "Encoder::None",
         })
     }
 }
@@ -181,6 +189,7 @@ pub struct Step<'a> {
 /// alignment it was laid out with: the append slots, the attention kernel's work
 /// records, the block tables, and for Int4Channel keys the open slots, the seals
 /// and the identity slots that stage the new keys.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
 #[derive(Debug, Clone)]
 pub(crate) struct Records {
     pub(crate) words: Vec<u32>,
@@ -195,6 +204,7 @@ pub(crate) struct Records {
 impl Step<'_> {
     /// The step's slots, `work` and tables in one array, each region starting at a
     /// multiple of `align` bytes (a storage binding's offset alignment, say).
+    #[cfg(any(feature = "wgpu", feature = "cuda"))]
     pub(crate) fn records(&self, work: &[u32], align: u64) -> Records {
         let mut words = Vec::new();
         let mut region = |part: &[u32]| {

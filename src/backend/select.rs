@@ -62,6 +62,7 @@ fn env(name: &str) -> Option<String> {
 #[derive(Debug, Clone)]
 pub(crate) enum Opener {
     Cpu,
+    #[cfg(feature = "wgpu")]
     Wgpu(Box<::wgpu::Adapter>),
     // Built by the CUDA probe for each device it lists (never without `cuda`).
     #[allow(dead_code)]
@@ -105,6 +106,7 @@ pub async fn probe_async(pref: &Preference) -> Result<Probe> {
     let pref = pref.with_env()?;
     let mut candidates = Vec::new();
     candidates.extend(crate::cuda::probe());
+    #[cfg(feature = "wgpu")]
     candidates.extend(crate::wgpu::probe().await);
     candidates.push(Candidate {
         info: crate::cpu::CpuBackend::new().info().clone(),
@@ -148,8 +150,14 @@ pub fn select(pref: &Preference) -> Result<Selected> {
 /// Opens the best candidate; an error lists every candidate and why it was rejected.
 pub async fn select_async(pref: &Preference) -> Result<Selected> {
     // Answered before probing: opening adapters cannot help a CUDA request here.
-    if pref.with_env()?.kind == Some(BackendKind::Cuda) && !cfg!(feature = "cuda") {
+    let kind = pref.with_env()?.kind;
+    if kind == Some(BackendKind::Cuda) && !cfg!(feature = "cuda") {
         return Err(Error::CudaNotCompiled);
+    }
+    if kind == Some(BackendKind::Wgpu) && !cfg!(feature = "wgpu") {
+        return Err(Error::Unsupported(
+            "kvq was built without the `wgpu` feature (a default one): rebuild with it".into(),
+        ));
     }
     let p = probe_async(pref).await?;
     let Some(i) = p.chosen else {
@@ -158,6 +166,7 @@ pub async fn select_async(pref: &Preference) -> Result<Selected> {
     let c = &p.candidates[i];
     let backend: Arc<dyn Backend> = match &c.opener {
         Opener::Cpu => Arc::new(crate::cpu::CpuBackend::new()),
+        #[cfg(feature = "wgpu")]
         Opener::Wgpu(adapter) => {
             Arc::new(crate::wgpu::WgpuBackend::from_adapter_async(adapter).await?)
         }
