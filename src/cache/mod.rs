@@ -4,6 +4,7 @@
 mod blocks;
 mod config;
 mod kv_cache;
+mod pages;
 mod plan;
 
 pub use blocks::{BlockManager, Extension, SeqId};
