@@ -47,7 +47,7 @@ fn kv(n: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
 }
 
 fn cache_with(b: &Arc<dyn Backend>, cfg: &CacheConfig, n: usize, seed: u64) -> (KvCache, SeqId) {
-    let mut cache = KvCache::new(b.clone(), cfg.clone()).unwrap();
+    let mut cache = KvCache::new(b.clone(), *cfg).unwrap();
     let filler = cache.add_sequence();
     let (k, v) = kv_of(cfg.layers, 10, 99);
     cache.append(&[(filler, 10)], &k, &v).unwrap();
@@ -79,7 +79,7 @@ fn pages_move_between_backends_bit_for_bit() {
                 let what = format!("{format:?}, {n} tokens, into {}", b.info().name);
                 // The same tokens appended here, never moved, beside the import.
                 let (direct, d) = cache_with(&b, &cfg, n, seed);
-                let mut moved = KvCache::new(b.clone(), cfg.clone()).unwrap();
+                let mut moved = KvCache::new(b.clone(), cfg).unwrap();
                 let first = moved.add_sequence();
                 let (k, v) = kv(3, 5);
                 moved.append(&[(first, 3)], &k, &v).unwrap();
@@ -97,7 +97,7 @@ fn pages_move_between_backends_bit_for_bit() {
                 );
                 assert_eq!(decode_all(&moved, m), decode_all(&direct, d), "{what}");
                 // And back to the CPU reference.
-                let mut back = KvCache::new(cpu.clone(), cfg.clone()).unwrap();
+                let mut back = KvCache::new(cpu.clone(), cfg).unwrap();
                 let r = back.import_pages(&pages).unwrap();
                 assert!(back.export_pages(r).unwrap() == blob, "{what}: back");
                 // The moved sequence grows like any other.
@@ -143,14 +143,10 @@ fn a_corrupt_truncated_or_foreign_blob_is_an_error_and_changes_nothing() {
             ("garbage", vec![7; 200], "magic"),
             (
                 "another V dtype",
-                foreign(cfg.clone().with_dtypes(KvDtype::Int4Channel, KvDtype::Int8)),
+                foreign(cfg.with_dtypes(KvDtype::Int4Channel, KvDtype::Int8)),
                 "V dtype",
             ),
-            (
-                "unrotated",
-                foreign(cfg.clone().with_rotation(false)),
-                "rotation",
-            ),
+            ("unrotated", foreign(cfg.with_rotation(false)), "rotation"),
             (
                 "another block size",
                 foreign(
@@ -163,10 +159,7 @@ fn a_corrupt_truncated_or_foreign_blob_is_an_error_and_changes_nothing() {
             ),
             (
                 "more layers",
-                foreign(CacheConfig {
-                    layers: 3,
-                    ..cfg.clone()
-                }),
+                foreign(CacheConfig { layers: 3, ..cfg }),
                 "layers",
             ),
         ];
