@@ -197,17 +197,11 @@ impl Model {
     /// 1/sqrt(fan-in), norms of ones): it times like the real one, for speed
     /// runs where the GGUF is not at hand (the GPU check's bundle).
     pub fn synthetic(config: Config) -> Model {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut uniform = crate::sample::Uniform::new(1);
         let mut matrix = |rows: usize, cols: usize| {
-            let scale = (3.0 / cols as f32).sqrt();
+            let scale = (3.0 / cols as f64).sqrt();
             let data = (0..rows * cols)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    let u = (state >> 40) as f32 / (1u64 << 24) as f32;
-                    f16::from_f32((2.0 * u - 1.0) * scale)
-                })
+                .map(|_| f16::from_f64((2.0 * uniform.next() - 1.0) * scale))
                 .collect();
             Matrix { rows, cols, data }
         };

@@ -1,11 +1,28 @@
 //! Picking the next token from logits: greedy, or temperature and nucleus (top-p)
 //! sampling from a seeded generator.
 
+/// Uniform draws in [0, 1) from a seed (xorshift64*): the sampler's, and the
+/// random weights and K/V of speed runs.
+pub struct Uniform(u64);
+
+impl Uniform {
+    pub fn new(seed: u64) -> Self {
+        Uniform(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn next(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
 /// The sampler of one generation.
 pub struct Sampler {
     temperature: f32,
     top_p: f32,
-    state: u64,
+    uniform: Uniform,
 }
 
 impl Sampler {
@@ -14,16 +31,8 @@ impl Sampler {
         Sampler {
             temperature,
             top_p,
-            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+            uniform: Uniform::new(seed),
         }
-    }
-
-    /// A uniform draw in [0, 1) (xorshift64*).
-    fn uniform(&mut self) -> f64 {
-        self.state ^= self.state >> 12;
-        self.state ^= self.state << 25;
-        self.state ^= self.state >> 27;
-        (self.state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// The next token.
@@ -49,7 +58,7 @@ impl Sampler {
                 break;
             }
         }
-        let mut draw = self.uniform() * probs[..n].iter().map(|p| p.1).sum::<f64>();
+        let mut draw = self.uniform.next() * probs[..n].iter().map(|p| p.1).sum::<f64>();
         for &(id, p) in &probs[..n] {
             draw -= p;
             if draw < 0.0 {

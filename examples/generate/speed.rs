@@ -26,15 +26,10 @@ fn fill(fwd: &mut GpuForward, model: &Model, tokens: usize) -> kvq::Result<()> {
     let c = &model.config;
     let s = fwd.sequence_mut();
     let r = s.cache.extend(&[(s.seq, tokens)])?;
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut uniform = crate::sample::Uniform::new(2);
     let mut values = |n: usize| -> Vec<f32> {
         (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
-            })
+            .map(|_| (uniform.next() * 4.0 - 2.0) as f32)
             .collect()
     };
     let n = tokens * c.kv_heads * c.head_dim;

@@ -149,6 +149,27 @@ impl Pool {
         }
     }
 
+    /// Checks the arguments of [`Backend::reopen`] over `pools` (a cache's
+    /// layers): each as [`Self::check_reopen`], all of one layout, which it
+    /// returns (`None` for no pools).
+    pub fn check_reopen_all<'p>(
+        pools: &[&'p Pool],
+        moves: &[[u32; 2]],
+    ) -> Result<Option<&'p PoolLayout>> {
+        let Some(first) = pools.first() else {
+            return Ok(None);
+        };
+        for pool in pools {
+            pool.check_reopen(moves)?;
+            if pool.layout != first.layout {
+                return Err(Error::InvalidConfig(
+                    "reopen: the pools differ in layout".into(),
+                ));
+            }
+        }
+        Ok(Some(&first.layout))
+    }
+
     /// Checks the arguments of [`Backend::dequantize`]: the layout and the pool's
     /// buffers, `tokens` slots in `slots`, and room for `[tokens, kv_heads,
     /// head_dim]` f32 in `out`.

@@ -905,21 +905,14 @@ impl Backend for CudaBackend {
     }
 
     fn reopen(&self, pools: &[&Pool], moves: &[[u32; 2]]) -> Result<()> {
-        let Some(first) = pools.first() else {
+        // Everything checked, compiled and allocated before the first launch.
+        let Some(l) = Pool::check_reopen_all(pools, moves)? else {
             return Ok(());
         };
-        let l = &first.layout;
-        // Everything checked, compiled and allocated before the first launch.
-        let mut ptrs = Vec::with_capacity(pools.len());
-        for pool in pools {
-            pool.check_reopen(moves)?;
-            if pool.layout != *l {
-                return Err(Error::InvalidConfig(
-                    "reopen: the pools differ in layout".into(),
-                ));
-            }
-            ptrs.push(pool_ptrs(pool)?);
-        }
+        let ptrs = pools
+            .iter()
+            .map(|p| pool_ptrs(p))
+            .collect::<Result<Vec<_>>>()?;
         check_layout(l)?;
         if moves.is_empty() {
             return Ok(());

@@ -61,20 +61,13 @@ fn windows_of(b: &WgpuBackend, l: &PoolLayout) -> Result<Windows> {
 /// first and every pool recorded into one submission, which submits nothing if
 /// any recording fails. Waits.
 pub fn reopen(b: &WgpuBackend, pools: &[&Pool], moves: &[[u32; 2]]) -> Result<()> {
-    let Some(first) = pools.first() else {
+    let Some(l) = Pool::check_reopen_all(pools, moves)? else {
         return Ok(());
     };
-    let l = &first.layout;
-    let mut raws = Vec::with_capacity(pools.len());
-    for pool in pools {
-        pool.check_reopen(moves)?;
-        if pool.layout != *l {
-            return Err(Error::InvalidConfig(
-                "reopen: the pools differ in layout".into(),
-            ));
-        }
-        raws.push((WgpuBackend::raw(&pool.data)?, WgpuBackend::raw(&pool.side)?));
-    }
+    let raws = pools
+        .iter()
+        .map(|p| Ok((WgpuBackend::raw(&p.data)?, WgpuBackend::raw(&p.side)?)))
+        .collect::<Result<Vec<_>>>()?;
     if moves.is_empty() {
         return Ok(());
     }
