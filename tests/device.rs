@@ -343,16 +343,23 @@ fn bad_steps_and_tensors_are_errors_and_change_nothing() {
             record(&b, |enc| cache.record_append(enc, &plan, LAYERS, &kv, &kv)),
             record(&b, |enc| cache.record_append(enc, &plan, 0, &kv, &kv.at(2))),
             record(&b, |enc| {
+                cache.record_append(enc, &plan, 0, &kv, &kv)?;
                 cache.record_attention(enc, &plan, 0, &q, &Tensor::f32(&short))
             }),
             record(&b, |enc| {
+                cache.record_append(enc, &plan, 0, &kv, &kv)?;
                 cache.record_attention(enc, &plan, 0, &q.at(ALIGN as u64 * 64), &out)
             }),
+            // Attention in a step that appends, before the layer's append.
+            record(&b, |enc| cache.record_attention(enc, &plan, 1, &q, &out)),
         ];
         for (i, e) in errors.iter().enumerate() {
             let want = match i {
                 1 => matches!(e, Err(Error::OutOfRange { what: "layer", .. })),
                 2 => matches!(e, Err(Error::InvalidConfig(m)) if m.contains("alignment")),
+                5 => {
+                    matches!(e, Err(Error::InvalidConfig(m)) if m.contains("before record_append"))
+                }
                 _ => matches!(e, Err(Error::ShapeMismatch { .. })),
             };
             assert!(want, "{} case {i}: {e:?}", name(&b));
@@ -401,6 +408,7 @@ fn wgpu_records_into_the_apps_encoder_and_checks_its_buffers() {
     let mut encoder = device.create_command_encoder(&Default::default());
     let mut enc = Encoder::Wgpu(&mut encoder);
     let (s, c) = (Tensor::f32(&storage), Tensor::f32(&copy_only));
+    cache.record_append(&mut enc, &plan, 0, &s, &s).unwrap();
     let e = cache.record_attention(&mut enc, &plan, 0, &c, &s);
     assert!(
         matches!(&e, Err(Error::InvalidConfig(m)) if m.contains("STORAGE")),
@@ -411,7 +419,6 @@ fn wgpu_records_into_the_apps_encoder_and_checks_its_buffers() {
         matches!(&e, Err(Error::InvalidConfig(m)) if m.contains("Encoder::Wgpu")),
         "{e:?}"
     );
-    cache.record_append(&mut enc, &plan, 0, &s, &s).unwrap();
     cache.record_attention(&mut enc, &plan, 0, &s, &s).unwrap();
     queue.submit([encoder.finish()]);
     b.synchronize().unwrap();

@@ -1430,6 +1430,9 @@ struct PlanRec {
     /// (sequence, queries), in batch order.
     queries: Vec<(u64, usize)>,
     params: AttnParams,
+    /// Layers whose append was recorded with it: in a plan that appends,
+    /// attention needs its layer's first.
+    appended: [bool; LAYERS],
 }
 
 /// Counts of (operation: outcome), over the run.
@@ -1894,6 +1897,7 @@ impl<'a> Harness<'a> {
             spans,
             queries: batch,
             params: p,
+            appended: [false; LAYERS],
         });
         if self.plans.len() > 4 {
             self.plans.remove(0);
@@ -1920,7 +1924,8 @@ impl<'a> Harness<'a> {
         direct: bool,
     ) -> Result<Outcome, String> {
         let foreign;
-        let (plan, epoch, spans) = match self.pick_plan(pick) {
+        let picked = self.pick_plan(pick);
+        let (plan, epoch, spans) = match picked {
             Some(i) => {
                 let r = &self.plans[i];
                 (&r.plan, r.epoch, r.spans.clone())
@@ -1976,6 +1981,9 @@ impl<'a> Harness<'a> {
                 .run(&mut |enc| cache.record_append(enc, plan, l, &kt, &vt))
         };
         expect("record_append", &want, &got)?;
+        if let (Ok(()), Some(i)) = (&got, picked) {
+            self.plans[i].appended[l] = true;
+        }
         let changed = got.is_ok() && n > 0;
         if changed {
             self.model.set(l, &spans, &kx[..n], &vx[..n]);
@@ -1992,15 +2000,15 @@ impl<'a> Harness<'a> {
         direct: bool,
     ) -> Result<Outcome, String> {
         let foreign;
-        let (plan, epoch, queries, params) = match self.pick_plan(pick) {
+        let (plan, epoch, queries, params, appended) = match self.pick_plan(pick) {
             Some(i) => {
                 let r = &self.plans[i];
-                (&r.plan, r.epoch, r.queries.clone(), r.params)
+                (&r.plan, r.epoch, r.queries.clone(), r.params, r.appended)
             }
             None => {
                 foreign = self.foreign_plan()?;
                 let p = AttnParams::new(WATCH_Q_HEADS);
-                (&foreign, u64::MAX, Vec::new(), p)
+                (&foreign, u64::MAX, Vec::new(), p, [false; LAYERS])
             }
         };
         let (q, out) = (&self.effective(q), &self.effective(out));
@@ -2016,7 +2024,7 @@ impl<'a> Harness<'a> {
                 value: l,
                 limit: LAYERS,
             })
-        } else if direct && self.name != "cpu" {
+        } else if (plan.tokens() > 0 && !appended[l]) || (direct && self.name != "cpu") {
             Want::Kind("InvalidConfig")
         } else {
             // The CPU reference checks out before q, wgpu q before out.

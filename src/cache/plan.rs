@@ -3,6 +3,8 @@
 //! uploaded, keys partitioned); then each layer's append and attention are recorded
 //! on tensors in device memory, with no host work beyond recording.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use super::Extension;
 use crate::attn::Resolved;
 use crate::backend::{Encoder, Prepared, SeqInfo, Step, Tensor};
@@ -23,6 +25,9 @@ pub struct Plan {
     batch: Vec<(SeqId, usize)>,
     cache: u64,
     epoch: u64,
+    /// Layers whose append has been recorded with this plan: attention in a
+    /// step that appends reads the new tokens, so it needs its layer's first.
+    appended: Vec<AtomicBool>,
 }
 
 impl Plan {
@@ -85,12 +90,15 @@ impl KvCache {
         self.check_plan(plan)?;
         let pools = self.layer(layer)?;
         self.backend
-            .record_append(enc, &plan.prepared, (&pools.k, &pools.v), k, v)
+            .record_append(enc, &plan.prepared, (&pools.k, &pools.v), k, v)?;
+        plan.appended[layer].store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Records the plan's attention in `layer`: `q` and `out` are
     /// `[queries, q_heads, head_dim]` in device memory. In a step that appends,
-    /// record the layer's append first.
+    /// the layer's append must be recorded first (else an error: the attention
+    /// would read slots the step has not written).
     pub fn record_attention(
         &self,
         enc: &mut Encoder<'_>,
@@ -101,6 +109,11 @@ impl KvCache {
     ) -> Result<()> {
         self.check_plan(plan)?;
         let pools = self.layer(layer)?;
+        if plan.tokens() > 0 && !plan.appended[layer].load(Ordering::Relaxed) {
+            return Err(Error::InvalidConfig(format!(
+                "record_attention before record_append in layer {layer}: a step that appends attends to its new tokens, so record the layer's append first"
+            )));
+        }
         self.backend
             .record_attention(enc, &plan.prepared, (&pools.k, &pools.v), q, out)
     }
@@ -144,6 +157,9 @@ impl KvCache {
             batch: batch.to_vec(),
             cache: self.id,
             epoch: self.epoch,
+            appended: (0..self.config.layers)
+                .map(|_| AtomicBool::new(false))
+                .collect(),
         }
     }
 
