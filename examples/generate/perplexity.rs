@@ -190,7 +190,22 @@ pub fn run(
         }
         let ppl = (base_sums.nll / base_sums.scored as f64).exp();
         eprintln!("chunk {}/{n}: F16 cache PPL {ppl:.4}", i + 1);
+        if !runs.is_empty() {
+            // The table so far, for long runs.
+            eprint!("{}", report(ctx, i + 1, choices, &base_sums, &runs).table());
+        }
     }
+    Ok(report(ctx, n, choices, &base_sums, &runs))
+}
+
+/// The report of the chunks scored so far.
+fn report(
+    ctx: usize,
+    chunks: usize,
+    choices: &[Choice],
+    base_sums: &Sums,
+    runs: &[(Choice, Box<dyn Forward + '_>, Sums)],
+) -> Report {
     let row = |choice: Choice, s: &Sums| {
         let m = s.scored as f64;
         let mean = s.nll / m;
@@ -209,7 +224,7 @@ pub fn run(
             tokens_per_s: s.tokens as f64 / s.time.as_secs_f64().max(1e-9),
         }
     };
-    let base_row = row(BASELINE, &base_sums);
+    let base_row = row(BASELINE, base_sums);
     let baseline_ppl = base_row.ppl;
     let mut rows = Vec::new();
     for &c in choices {
@@ -221,13 +236,13 @@ pub fn run(
     if !choices.contains(&BASELINE) {
         rows.insert(0, base_row);
     }
-    Ok(Report {
+    Report {
         ctx,
-        chunks: n,
+        chunks,
         scored: base_sums.scored,
         baseline_ppl,
         rows,
-    })
+    }
 }
 
 impl Report {
